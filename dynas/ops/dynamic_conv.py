@@ -1,0 +1,240 @@
+"""Dynamic convolution (Chen et al., CVPR 2020, arXiv 1912.03458).
+
+A layer holds K kernels ``W_k`` (and biases ``b_k``) and mixes them per input sample::
+
+    pi(x) = softmax(FC2(ReLU(FC1(GAP(x)))) / tau)        # (B, K), pi >= 0, sum_k pi_k = 1
+    W(x)  = sum_k pi_k(x) W_k,   b(x) = sum_k pi_k(x) b_k
+
+Each sample is convolved with its own aggregated kernel. The aggregation is one matmul
+(fvcore counts matmul; it cannot see an elementwise mul + sum) and the convolution of the whole
+batch is one grouped convolution with ``groups = B * groups`` -- never K separate convolutions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+__all__ = ["DynamicConv2d", "KernelAttention"]
+
+_ATTENTIONS = ("softmax", "sigmoid")
+
+
+def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {name}={value!r}.")
+    return value
+
+
+class KernelAttention(nn.Module):
+    """The routing branch: GAP -> FC -> ReLU -> FC -> (/tau) -> softmax (or sigmoid).
+
+    ``hidden = max(in_channels // reduction, min_hidden)``, as in squeeze-and-excitation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_kernels: int,
+        reduction: int = 4,
+        min_hidden: int = 4,
+        attention: Literal["softmax", "sigmoid"] = "softmax",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("reduction", reduction)
+        _check_positive_int("min_hidden", min_hidden)
+        if attention not in _ATTENTIONS:
+            raise ValueError(f"`attention` must be one of {_ATTENTIONS}, but got {attention=!r}.")
+        self.attention = attention
+        self.num_kernels = num_kernels
+        hidden = max(in_channels // reduction, min_hidden)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_channels, hidden, **factory)
+        self.fc2 = nn.Linear(hidden, num_kernels, **factory)
+
+    def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        # x: (B, Cin, H, W) -> pi: (B, K)
+        pooled = x.mean(dim=(2, 3))
+        logits = self.fc2(F.relu(self.fc1(pooled))) / temperature
+        if self.attention == "softmax":
+            return torch.softmax(logits, dim=1)
+        return torch.sigmoid(logits)
+
+
+class DynamicConv2d(nn.Module):
+    """A drop-in for :class:`torch.nn.Conv2d` with K kernels mixed per sample by attention.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
+            as in :class:`torch.nn.Conv2d` (``padding`` accepts ``"same"`` and ``"valid"``;
+            depthwise is ``groups == in_channels``).
+        num_kernels: K, the number of kernels mixed (K = 1 is a plain convolution with a
+            constant attention of 1 under softmax).
+        reduction: attention hidden width is ``max(in_channels // reduction, min_hidden)``.
+        min_hidden: lower bound of the attention hidden width.
+        temperature: softmax temperature tau > 0; settable at any time (see
+            :mod:`dynas.temperature` for the annealing schedule).
+        attention: ``"softmax"`` (the paper: pi >= 0, sum to one) or ``"sigmoid"``
+            (CondConv-style routing, no sum-to-one constraint) for the paper's ablation.
+
+    The attention weights of the most recent forward are kept, detached, in
+    :attr:`last_attention` (``(B, K)``) for logging.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        num_kernels: int = 4,
+        reduction: int = 4,
+        min_hidden: int = 4,
+        temperature: float = 30.0,
+        attention: Literal["softmax", "sigmoid"] = "softmax",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("out_channels", out_channels)
+        _check_positive_int("groups", groups)
+        _check_positive_int("num_kernels", num_kernels)
+        if in_channels % groups:
+            raise ValueError(
+                f"`in_channels` must be divisible by `groups`, but got {in_channels=}, {groups=}."
+            )
+        if out_channels % groups:
+            raise ValueError(
+                f"`out_channels` must be divisible by `groups`, but got {out_channels=}, {groups=}."
+            )
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        for name in ("kernel_size", "stride", "dilation"):
+            for v in getattr(self, name):
+                _check_positive_int(name, v)
+        self.padding = self._check_padding(padding)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.groups = groups
+        self.num_kernels = num_kernels
+        self.temperature = temperature
+
+        factory = {"device": device, "dtype": dtype}
+        kh, kw = self.kernel_size
+        # (K, Cout, Cin/g, kh, kw)
+        self.weight = nn.Parameter(
+            torch.empty(num_kernels, out_channels, in_channels // groups, kh, kw, **factory)
+        )
+        # (K, Cout)
+        self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, **factory)) if bias else None
+        self.attention = KernelAttention(
+            in_channels, num_kernels, reduction, min_hidden, attention, **factory
+        )
+        self.last_attention: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def _check_padding(self, padding: int | tuple[int, int] | str) -> tuple[int, int] | str:
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(
+                    f"`padding` must be an int, a pair or one of 'same', 'valid', "
+                    f"but got {padding=!r}."
+                )
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError(
+                    f"`padding='same'` requires stride 1 (as in nn.Conv2d), but got stride={self.stride}."
+                )
+            return padding
+        pad = _pair(padding)
+        if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pad):
+            raise ValueError(f"`padding` must be non-negative integers, but got {padding=!r}.")
+        return pad
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature tau (> 0)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = float(value)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"`temperature` must be a finite number > 0, but got temperature={value}.")
+        self._temperature = value
+
+    def reset_parameters(self) -> None:
+        """Initialise each of the K kernels independently, exactly as nn.Conv2d does its weight."""
+        for k in range(self.num_kernels):
+            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].shape[1] * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def aggregate(self, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mix the K kernels with attention ``pi`` (B, K) into per-sample kernels and biases.
+
+        Returns ``(B, Cout, Cin/g, kh, kw)`` weights and ``(B, Cout)`` biases (or ``None``).
+        """
+        k = self.num_kernels
+        weight = torch.matmul(pi, self.weight.reshape(k, -1))  # (B, Cout*Cin/g*kh*kw)
+        weight = weight.reshape(pi.shape[0], *self.weight.shape[1:])
+        bias = torch.matmul(pi, self.bias) if self.bias is not None else None  # (B, Cout)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DynamicConv2d expects input of shape (B, {self.in_channels}, H, W), "
+                f"but got {tuple(x.shape)}."
+            )
+        b = x.shape[0]
+        pi = self.attention(x, self.temperature)  # (B, K)
+        self.last_attention = pi.detach()
+        weight, bias = self.aggregate(pi)
+        # One grouped conv over the batch: sample i only sees its own kernel.
+        out = F.conv2d(
+            x.reshape(1, b * self.in_channels, *x.shape[2:]),  # (1, B*Cin, H, W)
+            weight.reshape(b * self.out_channels, *weight.shape[2:]),  # (B*Cout, Cin/g, kh, kw)
+            bias.reshape(-1) if bias is not None else None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            b * self.groups,
+        )
+        return out.reshape(b, self.out_channels, *out.shape[2:])  # (B, Cout, H', W')
+
+    def attention_entropy(self) -> float | None:
+        """Mean entropy (nats) of the most recent attention, ``log K`` when uniform."""
+        if self.last_attention is None:
+            return None
+        p = self.last_attention.float().clamp_min(1e-12)
+        p = p / p.sum(dim=1, keepdim=True)
+        return float(-(p * p.log()).sum(dim=1).mean())
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s + f", num_kernels={self.num_kernels}, temperature={self.temperature:g}"
