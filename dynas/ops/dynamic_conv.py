@@ -202,11 +202,20 @@ class DynamicConv2d(nn.Module):
                 f"DynamicConv2d expects input of shape (B, {self.in_channels}, H, W), "
                 f"but got {tuple(x.shape)}."
             )
-        b = x.shape[0]
         pi = self.attention(x, self.temperature)  # (B, K)
         self.last_attention = pi.detach()
         weight, bias = self.aggregate(pi)
-        # One grouped conv over the batch: sample i only sees its own kernel.
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # A traced graph must not bake the batch size into `groups` (ONNX's Conv has a
+            # static group count), so tracing uses the batch-agnostic matmul formulation.
+            return self._conv_matmul(x, weight, bias)
+        return self._conv_grouped(x, weight, bias)
+
+    def _conv_grouped(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One grouped conv over the batch: sample i only sees its own kernel."""
+        b = x.shape[0]
         out = F.conv2d(
             x.reshape(1, b * self.in_channels, *x.shape[2:]),  # (1, B*Cin, H, W)
             weight.reshape(b * self.out_channels, *weight.shape[2:]),  # (B*Cout, Cin/g, kh, kw)
@@ -217,6 +226,39 @@ class DynamicConv2d(nn.Module):
             b * self.groups,
         )
         return out.reshape(b, self.out_channels, *out.shape[2:])  # (B, Cout, H', W')
+
+    def _conv_matmul(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """im2col + one batched matmul; no shape depends on the batch size."""
+        g, cin, cout = self.groups, self.in_channels, self.out_channels
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        x = self._pad(x)
+        h, w = x.shape[2], x.shape[3]
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if (kh, kw, sh, sw) == (1, 1, 1, 1):
+            cols = x.reshape(-1, cin, h * w)  # (B, Cin, L)
+        else:
+            cols = F.unfold(x, (kh, kw), (dh, dw), 0, (sh, sw))  # (B, Cin*kh*kw, L)
+        cols = cols.reshape(-1, g, (cin // g) * kh * kw, ho * wo)  # (B, g, Cin/g*kh*kw, L)
+        w_mat = weight.reshape(-1, g, cout // g, (cin // g) * kh * kw)  # (B, g, Cout/g, Cin/g*kh*kw)
+        out = torch.matmul(w_mat, cols).reshape(-1, cout, ho, wo)  # (B, Cout, H', W')
+        if bias is not None:
+            out = out + bias.reshape(-1, cout, 1, 1)
+        return out
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the padding explicitly (asymmetric for 'same' with an even receptive field)."""
+        if self.padding == "valid":
+            return x
+        if self.padding == "same":
+            pads: list[int] = []
+            for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return F.pad(x, pads) if any(pads) else x
+        ph, pw = self.padding
+        return F.pad(x, [pw, pw, ph, ph]) if ph or pw else x
 
     def attention_entropy(self) -> float | None:
         """Mean entropy (nats) of the most recent attention, ``log K`` when uniform."""

@@ -1,0 +1,219 @@
+"""Contract tests for DynamicConv2d: it must behave as nn.Conv2d with a per-sample kernel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynas.ops import DynamicConv2d
+
+# (in, out, kernel, stride, padding, dilation, groups, bias)
+CONFIGS = [
+    pytest.param(8, 16, 3, 1, 1, 1, 1, True, id="3x3"),
+    pytest.param(8, 16, 1, 1, 0, 1, 1, False, id="1x1-nobias"),
+    pytest.param(12, 12, 3, 2, 1, 1, 12, False, id="depthwise-strided"),
+    pytest.param(12, 24, 5, 1, 2, 1, 4, True, id="grouped"),
+    pytest.param(8, 8, 3, 1, 2, 2, 1, True, id="dilated"),
+    pytest.param(6, 10, (3, 5), (2, 1), (0, 2), 1, 2, True, id="rect-padded"),
+    pytest.param(8, 8, 3, 1, "same", 1, 8, True, id="same-depthwise"),
+    pytest.param(8, 4, 3, 1, "valid", 1, 1, True, id="valid"),
+]
+
+
+def _inputs(b: int, c: int, h: int, w: int) -> torch.Tensor:
+    """Per-sample channel offsets, so GAP (and hence attention) differs between samples."""
+    return torch.randn(b, c, h, w, dtype=torch.double) + 2 * torch.randn(b, c, 1, 1, dtype=torch.double)
+
+
+def _make(cin, cout, k, s, p, d, g, bias, **kw) -> DynamicConv2d:
+    torch.manual_seed(0)
+    return DynamicConv2d(cin, cout, k, s, p, d, g, bias, **kw).double()
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,d,g,bias", CONFIGS)
+def test_k1_equals_conv2d(cin, cout, k, s, p, d, g, bias):
+    dyn = _make(cin, cout, k, s, p, d, g, bias, num_kernels=1)
+    conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias).double()
+    with torch.no_grad():
+        conv.weight.copy_(dyn.weight[0])
+        if bias:
+            conv.bias.copy_(dyn.bias[0])
+    x = _inputs(3, cin, 11, 13)
+    torch.testing.assert_close(dyn(x), conv(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,d,g,bias", CONFIGS)
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_each_sample_uses_its_aggregated_kernel(cin, cout, k, s, p, d, g, bias, attention):
+    dyn = _make(cin, cout, k, s, p, d, g, bias, num_kernels=3, temperature=0.7, attention=attention)
+    x = _inputs(4, cin, 11, 13)
+    out = dyn(x)
+    pi = dyn.last_attention  # (B, K)
+    assert pi.shape == (4, 3)
+    assert (pi[0] - pi[1]).abs().max() > 1e-4  # samples really get different kernels
+    for i in range(4):
+        weight = torch.einsum("k,koihw->oihw", pi[i], dyn.weight)
+        b = torch.einsum("k,ko->o", pi[i], dyn.bias) if bias else None
+        expected = F.conv2d(x[i : i + 1], weight, b, dyn.stride, dyn.padding, dyn.dilation, g)
+        torch.testing.assert_close(out[i : i + 1], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_differs_between_samples():
+    # Guard for the test above: it is only meaningful if samples get different kernels.
+    dyn = _make(8, 16, 3, 1, 1, 1, 1, True, num_kernels=4, temperature=1.0)
+    dyn(_inputs(4, 8, 9, 9))
+    pi = dyn.last_attention
+    assert (pi[0] - pi[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,d,g,bias", CONFIGS)
+def test_sample_independent_of_batch(cin, cout, k, s, p, d, g, bias):
+    dyn = _make(cin, cout, k, s, p, d, g, bias, num_kernels=4, temperature=1.0)
+    x = _inputs(5, cin, 10, 10)
+    out = dyn(x)
+    for i in range(5):
+        torch.testing.assert_close(out[i : i + 1], dyn(x[i : i + 1]), rtol=1e-10, atol=1e-10)
+
+
+def test_output_shape_matches_conv2d():
+    x = torch.randn(2, 12, 17, 15)
+    for kw in [dict(stride=2, padding=1), dict(padding="same", dilation=2), dict(stride=(2, 3))]:
+        conv = nn.Conv2d(12, 6, 3, groups=3, **kw)
+        dyn = DynamicConv2d(12, 6, 3, groups=3, num_kernels=2, **kw)
+        assert dyn(x).shape == conv(x).shape
+
+
+def test_attention_is_a_distribution_and_uniform_at_high_temperature():
+    dyn = DynamicConv2d(16, 16, 3, padding=1, num_kernels=4, temperature=1.0)
+    with torch.no_grad():  # make the logits large so low temperature is visibly peaked
+        dyn.attention.fc2.weight.mul_(50)
+    x = torch.randn(6, 16, 8, 8)
+    dyn(x)
+    pi = dyn.last_attention
+    assert torch.all(pi >= 0) and torch.all(pi <= 1)
+    torch.testing.assert_close(pi.sum(dim=1), torch.ones(6))
+    peaked = dyn.attention_entropy()
+    dyn.temperature = 1e6
+    dyn(x)
+    torch.testing.assert_close(dyn.last_attention, torch.full((6, 4), 0.25), atol=1e-4, rtol=0)
+    assert dyn.attention_entropy() == pytest.approx(math.log(4), abs=1e-6)
+    assert peaked < math.log(4) - 0.1
+
+
+def test_sigmoid_attention_does_not_sum_to_one():
+    dyn = DynamicConv2d(16, 16, 1, num_kernels=4, temperature=1.0, attention="sigmoid")
+    dyn(torch.randn(3, 16, 5, 5))
+    pi = dyn.last_attention
+    assert torch.all((pi > 0) & (pi < 1))
+    assert not torch.allclose(pi.sum(dim=1), torch.ones(3))
+
+
+def test_last_attention_is_detached():
+    dyn = DynamicConv2d(4, 4, 3, padding=1, num_kernels=2)
+    dyn(torch.randn(2, 4, 6, 6, requires_grad=True))
+    assert not dyn.last_attention.requires_grad and dyn.last_attention.grad_fn is None
+
+
+def test_every_parameter_gets_a_gradient():
+    dyn = DynamicConv2d(8, 16, 3, padding=1, num_kernels=4, temperature=1.0)
+    dyn(torch.randn(3, 8, 7, 7)).square().sum().backward()
+    for name, p in dyn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_kernels_initialised_independently_like_conv2d():
+    torch.manual_seed(0)
+    dyn = DynamicConv2d(32, 64, 3, num_kernels=4)
+    conv = nn.Conv2d(32, 64, 3)
+    assert not torch.equal(dyn.weight[0], dyn.weight[1])
+    bound = 1 / math.sqrt(32 * 9)  # kaiming_uniform(a=sqrt(5)) bound == 1/sqrt(fan_in)
+    for k in range(4):
+        assert dyn.weight[k].abs().max() <= bound
+        assert dyn.weight[k].std().item() == pytest.approx(conv.weight.std().item(), rel=0.05)
+    assert dyn.bias.abs().max() <= bound
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,d,g,bias", CONFIGS)
+def test_jit_trace_matches_eager_at_any_batch_size(cin, cout, k, s, p, d, g, bias):
+    dyn = _make(cin, cout, k, s, p, d, g, bias, num_kernels=3, temperature=2.0).eval()
+    traced = torch.jit.trace(dyn, _inputs(2, cin, 12, 11))
+    y = _inputs(5, cin, 12, 11)  # another batch size than the traced one
+    torch.testing.assert_close(traced(y), dyn(y), rtol=1e-10, atol=1e-10)
+
+
+def test_trace_with_even_kernel_same_padding():
+    dyn = _make(4, 6, 4, 1, "same", 1, 1, True, num_kernels=2).eval()
+    traced = torch.jit.trace(dyn, _inputs(1, 4, 9, 9))
+    y = _inputs(3, 4, 9, 9)
+    torch.testing.assert_close(traced(y), dyn(y), rtol=1e-10, atol=1e-10)
+
+
+def test_channels_last_input():
+    dyn = DynamicConv2d(8, 16, 3, padding=1, groups=2, num_kernels=4, temperature=1.0)
+    x = torch.randn(3, 8, 9, 9)
+    torch.testing.assert_close(dyn(x.to(memory_format=torch.channels_last)), dyn(x))
+
+
+def test_bf16_autocast_cpu():
+    dyn = DynamicConv2d(8, 16, 3, padding=1, num_kernels=4, temperature=1.0)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dyn(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), dyn(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_autocast():
+    dyn = DynamicConv2d(8, 16, 3, padding=1, num_kernels=4, temperature=1.0).cuda()
+    x = torch.randn(2, 8, 9, 9, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = dyn(x)
+    torch.testing.assert_close(out.float(), dyn(x), atol=0.05, rtol=0.05)
+
+
+def test_train_and_eval_give_same_output():
+    # No dropout/BN inside the operator: mode must not change the function.
+    dyn = DynamicConv2d(4, 4, 3, padding=1, num_kernels=2)
+    x = torch.randn(2, 4, 6, 6)
+    y_train = dyn.train()(x)
+    torch.testing.assert_close(dyn.eval()(x), y_train)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_kernels=0), r"`num_kernels` must be an integer >= 1, but got num_kernels=0"),
+        (dict(temperature=0.0), r"`temperature` must be a finite number > 0, but got temperature=0.0"),
+        (dict(temperature=-3), r"`temperature` must be a finite number > 0, but got temperature=-3"),
+        (dict(groups=3), r"`in_channels` must be divisible by `groups`, but got in_channels=8, groups=3"),
+        (dict(in_channels=6, groups=3), r"`out_channels` must be divisible by `groups`"),
+        (dict(padding="full"), r"`padding` must be .*padding='full'"),
+        (dict(padding="same", stride=2), r"`padding='same'` requires stride 1"),
+        (dict(padding=-1), r"`padding` must be non-negative integers, but got padding=-1"),
+        (dict(kernel_size=0), r"`kernel_size` must be an integer >= 1, but got kernel_size=0"),
+        (dict(reduction=0), r"`reduction` must be an integer >= 1, but got reduction=0"),
+        (dict(attention="gumbel"), r"`attention` must be one of .*attention='gumbel'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = dict(in_channels=8, out_channels=16, kernel_size=3) | kwargs
+    with pytest.raises(ValueError, match=match):
+        DynamicConv2d(**args)
+
+
+def test_temperature_setter_validates():
+    dyn = DynamicConv2d(4, 4, 1, num_kernels=2)
+    dyn.temperature = 5
+    assert dyn.temperature == 5.0
+    with pytest.raises(ValueError, match="temperature=nan"):
+        dyn.temperature = float("nan")
+
+
+def test_wrong_input_channels():
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 8, H, W\), but got \(1, 4, 5, 5\)"):
+        DynamicConv2d(8, 8, 1)(torch.randn(1, 4, 5, 5))
