@@ -1,0 +1,179 @@
+"""Evaluate one search candidate: budget check, duplicate check, training, one results row.
+
+Both engines (Optuna and NNI) call :class:`CandidateEvaluator`, so a candidate is treated the same
+whichever engine proposed it: over-budget candidates are rejected from the closed-form MAC count
+before a model is even built, duplicates reuse the earlier result, and training failures (NaN loss)
+become a ``failed`` row instead of ending the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from dynas.budget import Budget
+from dynas.builder import build_model
+from dynas.counting import closed_form_macs, closed_form_params
+from dynas.data import DataBundle
+from dynas.search.results import ResultsTable, TrialRecord
+from dynas.spec import ArchSpec
+from dynas.training import NonFiniteLossError, TrainConfig, train_candidate
+
+__all__ = ["CandidateEvaluator", "EpochCallback", "SearchCounters"]
+
+logger = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, float], "bool | None"]
+"""``callback(epoch, val_top1) -> True`` to stop training (the engines' pruners)."""
+
+
+class _Candidate(Protocol):
+    arch: ArchSpec
+    tau_start: float
+    anneal_fraction: float
+    params: Any
+
+
+@dataclasses.dataclass
+class SearchCounters:
+    """What happened to the candidates of this process (the table holds every process' rows)."""
+
+    proposed: int = 0
+    rejected: int = 0
+    trained: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    pruned: int = 0
+
+
+class CandidateEvaluator:
+    """Budget-check, train and record candidates of one search.
+
+    Args:
+        budget: hard limits; checked from the spec alone before any model is built.
+        data: the search data (train / validation splits; the test split is never used).
+        train_config: training settings; each candidate's tau schedule overrides
+            ``tau_start``/``anneal_fraction``.
+        results: the run's results table.
+        keep_weights: keep the final weights of the best ``keep_weights`` trials (by val
+            top-1) under ``run_dir/checkpoints``; 0 keeps none.
+    """
+
+    def __init__(
+        self,
+        budget: Budget,
+        data: DataBundle,
+        train_config: TrainConfig,
+        results: ResultsTable,
+        keep_weights: int = 3,
+    ) -> None:
+        self.budget = budget
+        self.data = data
+        self.train_config = train_config
+        self.results = results
+        self.keep_weights = keep_weights
+        self.counters = SearchCounters()
+
+    def cost(self, arch: ArchSpec) -> tuple[int, int, list[str]]:
+        """Closed-form MACs and params of ``arch`` and the budget violations (empty if feasible)."""
+        return closed_form_macs(arch), closed_form_params(arch), self.budget.check(arch)
+
+    def evaluate(
+        self,
+        candidate: _Candidate,
+        trial: int,
+        engine: str,
+        callback: EpochCallback | None = None,
+    ) -> TrialRecord:
+        """Evaluate ``candidate`` as trial number ``trial`` and append its row to the table."""
+        self.counters.proposed += 1
+        arch = candidate.arch
+        macs, params, violations = self.cost(arch)
+        row = TrialRecord(
+            trial=trial,
+            engine=engine,
+            state="complete",
+            arch=arch.to_str(),
+            arch_json=json.dumps(arch.to_dict(), sort_keys=True),
+            macs=macs,
+            params=params,
+            dynamic_blocks=sum(b.num_kernels > 1 for s in arch.stages for b in s.blocks),
+            tau_start=float(candidate.tau_start),
+            anneal_fraction=float(candidate.anneal_fraction),
+            params_json=json.dumps(dict(candidate.params), sort_keys=True, default=str),
+        )
+        if violations:
+            self.counters.rejected += 1
+            row.state, row.reason = "rejected", "; ".join(violations)
+        elif (earlier := self.results.find_trained(row.arch_json, row.tau_start, row.anneal_fraction)) is not None:
+            self.counters.duplicates += 1
+            row.state, row.reason = "duplicate", f"same as trial {earlier['trial']}"
+            for key in ("val_top1", "best_val_top1", "epochs", "checkpoint", "val_top1_history"):
+                setattr(row, key, earlier[key])
+        else:
+            self._train(candidate, row, callback)
+        self.results.append(row)
+        return row
+
+    def _train(self, candidate: _Candidate, row: TrialRecord, callback: EpochCallback | None) -> None:
+        config = dataclasses.replace(
+            self.train_config,
+            tau_start=row.tau_start,
+            anneal_fraction=row.anneal_fraction,
+            seed=self.train_config.seed + row.trial,
+        )
+        model = build_model(candidate.arch)
+        start = time.perf_counter()
+        try:
+            result = train_candidate(model, self.data, config, callback=callback)
+        except NonFiniteLossError as err:
+            self.counters.failed += 1
+            row.state, row.reason = "failed", str(err)
+            row.train_seconds = time.perf_counter() - start
+            return
+        self.counters.trained += 1
+        row.train_seconds = result.train_seconds
+        row.epochs = result.epochs_run
+        row.val_top1_history = list(result.val_top1)
+        row.val_top1 = result.val_top1[-1] if result.val_top1 else math.nan
+        row.best_val_top1 = result.best_val_top1
+        row.attention_entropy = dict(result.attention_entropy)
+        if result.pruned:
+            self.counters.pruned += 1
+            row.state, row.reason = "pruned", f"stopped after epoch {result.epochs_run}"
+        elif self.keep_weights > 0:
+            row.checkpoint = self._keep(model, candidate.arch, row)
+
+    def _keep(self, model: torch.nn.Module, arch: ArchSpec, row: TrialRecord) -> str:
+        """Save this trial's weights if it ranks among the best ``keep_weights``; drop the rest."""
+        ranked = sorted(
+            (r for r in self.results.records() if r["state"] == "complete" and r["checkpoint"]),
+            key=lambda r: r["val_top1"],
+            reverse=True,
+        )
+        if len(ranked) >= self.keep_weights and row.val_top1 <= ranked[self.keep_weights - 1]["val_top1"]:
+            return ""
+        rel = f"checkpoints/trial_{row.trial:05d}.pt"
+        path = self.results.run_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save({"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial}, tmp)
+        tmp.replace(path)
+        for old in ranked[self.keep_weights - 1 :]:
+            _unlink(self.results.run_dir / old["checkpoint"])
+        return rel
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+
+from dynas.config import apply_config, parse_count
+from dynas.errors import DynasError
+from run_search import build_parser, main
+
+
+@pytest.mark.parametrize("text,value", [("5M", 5_000_000), ("300k", 300_000), ("5e6", 5_000_000), (1.5e9, 1_500_000_000), ("2.5m", 2_500_000)])
+def test_parse_count(text, value):
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["5X", "", "-3M", "0", "abc", True])
+def test_parse_count_rejects(text):
+    with pytest.raises(ValueError, match="count"):
+        parse_count(text)
+
+
+def _search_parser():
+    return build_parser()._subparsers._group_actions[0].choices["search"]
+
+
+def test_config_sets_defaults_and_flags_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-macs: 7M\ntrials: 4\nsampler: random\nquiet: true\n")
+    parser = _search_parser()
+    apply_config(parser, cfg)
+    args = parser.parse_args(["--trials", "9"])
+    assert (args.max_macs, args.trials, args.sampler, args.quiet) == (7_000_000, 9, "random", True)
+
+
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ("max_mac: 5M\n", r"unknown key 'max_mac'\. Did you mean 'max_macs'\?"),
+        ("trials: many\n", r"key 'trials': invalid literal for int\(\) with base 10: 'many'"),
+        ("quiet: 3\n", r"key 'quiet': expected true or false, but got 3"),
+        ("engine: keras\n", r"key 'engine': must be one of optuna, nni, but got 'keras'"),
+        ("max_macs: -5M\n", r"key 'max_macs'.*count must be > 0"),
+        ("- a\n- b\n", r"must be a mapping of option: value, but got list"),
+        ("a: [\n", r"is not valid YAML"),
+    ],
+)
+def test_config_errors_name_file_key_and_value(tmp_path, body, match):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(body)
+    with pytest.raises(DynasError, match=match):
+        apply_config(_search_parser(), cfg)
+
+
+def test_cli_config_errors_exit_2_without_traceback(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("max_mac: 5M\n")
+    assert main(["search", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'max_mac'" in err and "Traceback" not in err
+    assert main(["search", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_bad_flag_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--max-macs", "lots"])
+    assert exc.value.code == 2
+    assert "expected a count such as 5M" in capsys.readouterr().err
