@@ -92,8 +92,15 @@ class CandidateEvaluator:
         trial: int,
         engine: str,
         callback: EpochCallback | None = None,
+        resume_key: int | None = None,
     ) -> TrialRecord:
-        """Evaluate ``candidate`` as trial number ``trial`` and append its row to the table."""
+        """Evaluate ``candidate`` as trial number ``trial`` and append its row to the table.
+
+        ``resume_key`` names the per-epoch training checkpoint (default: the trial number); a
+        retried trial passes the number of the trial it retries, so training resumes from that
+        trial's last finished epoch. A KeyboardInterrupt during training records the row as
+        ``interrupted`` and is re-raised.
+        """
         self.counters.proposed += 1
         arch = candidate.arch
         macs, params, violations = self.cost(arch)
@@ -119,11 +126,20 @@ class CandidateEvaluator:
             for key in ("val_top1", "best_val_top1", "epochs", "checkpoint", "val_top1_history"):
                 setattr(row, key, earlier[key])
         else:
-            self._train(candidate, row, callback)
+            running = self.results.run_dir / "checkpoints" / "running" / f"trial_{resume_key if resume_key is not None else trial:05d}.pt"
+            try:
+                self._train(candidate, row, callback, running)
+            except KeyboardInterrupt:
+                row.state, row.reason = "interrupted", "stopped by a signal; rerunning the command continues it"
+                self.results.append(row)
+                raise
+            _unlink(running)
         self.results.append(row)
         return row
 
-    def _train(self, candidate: _Candidate, row: TrialRecord, callback: EpochCallback | None) -> None:
+    def _train(
+        self, candidate: _Candidate, row: TrialRecord, callback: EpochCallback | None, checkpoint: Path
+    ) -> None:
         config = dataclasses.replace(
             self.train_config,
             tau_start=row.tau_start,
@@ -133,7 +149,8 @@ class CandidateEvaluator:
         model = build_model(candidate.arch)
         start = time.perf_counter()
         try:
-            result = train_candidate(model, self.data, config, callback=callback)
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            result = train_candidate(model, self.data, config, callback=callback, checkpoint_path=checkpoint)
         except NonFiniteLossError as err:
             self.counters.failed += 1
             row.state, row.reason = "failed", str(err)
@@ -165,7 +182,9 @@ class CandidateEvaluator:
         path = self.results.run_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".pt.tmp")
-        torch.save({"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial}, tmp)
+        # tau is not part of the state dict: keep the one training ended at, for inference.
+        payload = {"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial, "temperature": self.train_config.tau_end}
+        torch.save(payload, tmp)
         tmp.replace(path)
         for old in ranked[self.keep_weights - 1 :]:
             _unlink(self.results.run_dir / old["checkpoint"])

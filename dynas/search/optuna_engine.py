@@ -10,6 +10,9 @@ command resumes it.
 from __future__ import annotations
 
 import math
+import re
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +21,12 @@ from dynas.search.evaluate import CandidateEvaluator
 
 try:
     import optuna
+    from optuna.storages import RetryFailedTrialCallback
+    from optuna.trial import TrialState
 except ImportError as err:  # pragma: no cover - optuna is a core dependency
     raise ImportError("The Optuna engine needs optuna: pip install optuna") from err
 
-__all__ = ["OBJECTIVES", "PRUNERS", "SAMPLERS", "make_pruner", "make_sampler", "run_optuna_search"]
+__all__ = ["OBJECTIVES", "PRUNERS", "SAMPLERS", "make_pruner", "make_sampler", "make_storage", "run_optuna_search"]
 
 SAMPLERS = ("tpe", "random", "nsga2", "gp", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -69,34 +74,79 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _objective(space: Any, evaluator: CandidateEvaluator, objective: str):
+class _Surplus(Exception):
+    """This trial was asked after the study already had its trials; it is not run."""
+
+
+def _live_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered below ``number`` that are finished or may still finish."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return sum(t.number < number for t in study.get_trials(deepcopy=False, states=live))
+
+
+def _run_trial(
+    study: optuna.Study, trial: optuna.Trial, space: Any, evaluator: CandidateEvaluator, objective: str, n_trials: int
+) -> tuple[TrialState, Any]:
+    """Evaluate one asked trial; returns the state and values to tell the study."""
     multi = len(OBJECTIVES[objective]) > 1
+    # Trial numbers are handed out atomically by the storage, so counting the live trials with
+    # smaller numbers tells each worker, without a lock, whether the study already has enough.
+    if _live_before(study, trial.number) >= n_trials:
+        raise _Surplus
+    candidate = space.suggest(trial)
+    macs, params, _ = evaluator.cost(candidate.arch)
+    budget = evaluator.budget
+    trial.set_constraint("macs", float(macs - budget.max_macs))
+    if budget.max_params is not None:
+        trial.set_constraint("params", float(params - budget.max_params))
+    trial.set_user_attr("arch", candidate.arch.to_str())
+    trial.set_user_attr("macs", macs)
 
-    def run(trial: optuna.Trial) -> float | tuple[float, float]:
-        candidate = space.suggest(trial)
-        macs, params, _ = evaluator.cost(candidate.arch)
-        budget = evaluator.budget
-        trial.set_constraint("macs", float(macs - budget.max_macs))
-        if budget.max_params is not None:
-            trial.set_constraint("params", float(params - budget.max_params))
-        trial.set_user_attr("arch", candidate.arch.to_str())
-        trial.set_user_attr("macs", macs)
+    def prune(epoch: int, val_top1: float) -> bool:
+        trial.report(val_top1, epoch)
+        return trial.should_prune()
 
-        def prune(epoch: int, val_top1: float) -> bool:
-            trial.report(val_top1, epoch)
-            return trial.should_prune()
+    # Set by RetryFailedTrialCallback on a re-queued trial: the number of the trial it retries.
+    retry_of = study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    record = evaluator.evaluate(
+        candidate, trial.number, "optuna", None if multi else prune, resume_key=retry_of
+    )
+    trial.set_user_attr("state", record.state)
+    if record.state == "pruned":
+        return TrialState.PRUNED, None
+    if record.state == "failed":
+        return TrialState.FAIL, None
+    # A rejected candidate was never trained: worst accuracy; the constraint tells the sampler why.
+    top1 = 0.0 if record.state == "rejected" else float(record.val_top1)
+    return TrialState.COMPLETE, ((top1, float(macs)) if multi else top1)
 
-        record = evaluator.evaluate(candidate, trial.number, "optuna", None if multi else prune)
-        trial.set_user_attr("state", record.state)
-        if record.state == "pruned":
-            raise optuna.TrialPruned(record.reason)
-        if record.state == "failed":
-            return (math.nan, math.nan) if multi else math.nan  # Optuna marks the trial FAIL
-        # A rejected candidate was never trained: worst accuracy; the constraint tells TPE why.
-        top1 = 0.0 if record.state == "rejected" else float(record.val_top1)
-        return (top1, float(macs)) if multi else top1
 
-    return run
+class _Heartbeat:
+    """Records a trial's heartbeat in the storage while it runs (what study.optimize does)."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        storage = study._storage
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.stop = threading.Event()
+        self.thread = None
+        if self.interval:
+            trial_id = trial._trial_id
+            storage.record_heartbeat(trial_id)
+
+            def beat() -> None:
+                while not self.stop.wait(self.interval):
+                    storage.record_heartbeat(trial_id)
+
+            self.thread = threading.Thread(target=beat, name="dynas-heartbeat", daemon=True)
+            self.thread.start()
+
+    def __enter__(self) -> _Heartbeat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 def _check_same_search(study: optuna.Study, space: Any, evaluator: CandidateEvaluator, objective: str) -> None:
@@ -118,12 +168,42 @@ def _check_same_search(study: optuna.Study, space: Any, evaluator: CandidateEval
             )
 
 
+def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None) -> Any:
+    """An Optuna storage from its URL; RDB URLs get heartbeats and retry of dead workers' trials.
+
+    A worker killed mid-trial stops sending heartbeats; after ``grace_period`` seconds any other
+    worker marks its trial failed and re-queues the same parameters (up to 3 times), and the
+    retried trial resumes from the dead one's last epoch checkpoint when the run directory is shared.
+    """
+    if "://" not in url:
+        raise DynasError(
+            f"`storage` must be an Optuna storage URL such as sqlite:///study.db or "
+            f"postgresql://user@host/db, but got storage={url!r}."
+        )
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    except Exception as err:  # sqlalchemy raises many types: unreachable host, bad driver, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DynasError(f"cannot open storage {_redact(url)!r}: {first}") from None
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a storage URL before printing it."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
 def run_optuna_search(
     space: Any,
     evaluator: CandidateEvaluator,
     *,
     n_trials: int,
-    storage: str,
+    storage: str | Any,
     study_name: str,
     sampler: str = "tpe",
     pruner: str = "median",
@@ -131,16 +211,23 @@ def run_optuna_search(
     seed: int | None = 0,
     timeout: float | None = None,
     callbacks: Sequence[Any] = (),
+    poll_seconds: float = 5.0,
 ) -> optuna.Study:
-    """Run (or resume) a study until it holds ``n_trials`` finished trials.
+    """Run (or resume, or join) a study until it holds ``n_trials`` finished trials.
 
-    Rejected (over-budget) trials count as trials: they cost no training and teach the sampler
-    where the budget lies. Returns the study; the rows are in ``evaluator.results``.
+    Any number of workers may run this on the same storage at once. Rejected (over-budget)
+    trials count as trials: they cost no training and teach the sampler where the budget lies.
+    ``callbacks`` are called as ``callback(study, frozen_trial)`` after each trial. On
+    KeyboardInterrupt (SIGINT; the CLI maps SIGTERM to it) the running trial is recorded as
+    ``interrupted``, its parameters are queued again so a rerun continues it, and the interrupt
+    is re-raised. Returns the study; the rows are in ``evaluator.results``.
     """
     _check_name("objective", objective, list(OBJECTIVES))
     if n_trials < 1:
         raise DynasError(f"`trials` must be >= 1, but got trials={n_trials}.")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if isinstance(storage, str):
+        storage = make_storage(storage)
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -150,14 +237,44 @@ def run_optuna_search(
         directions=list(OBJECTIVES[objective]),
     )
     _check_same_search(study, space, evaluator, objective)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
-    if remaining > 0:
-        study.optimize(
-            _objective(space, evaluator, objective),
-            n_trials=remaining,
-            timeout=timeout,
-            # Other workers on the same storage add trials too: stop when the study has enough.
-            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=finished), *callbacks],
-        )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        optuna.storages.fail_stale_trials(study)  # re-queues trials of dead workers
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if len(finished) >= n_trials:
+            break
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+        if len(finished) + len(running) >= n_trials and not any(t.state == TrialState.WAITING for t in running):
+            time.sleep(poll_seconds)  # others are on the last trials; wait in case one dies
+            continue
+        _ask_and_tell(study, space, evaluator, objective, n_trials, callbacks)
     return study
+
+
+def _ask_and_tell(
+    study: optuna.Study, space: Any, evaluator: CandidateEvaluator, objective: str, n_trials: int, callbacks: Sequence[Any]
+) -> None:
+    trial = study.ask()
+    with _Heartbeat(study, trial):
+        try:
+            state, values = _run_trial(study, trial, space, evaluator, objective, n_trials)
+        except _Surplus:
+            trial.set_user_attr("state", "surplus")
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        except KeyboardInterrupt:
+            _interrupted(study, trial)
+            raise
+        except Exception:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    frozen = study.tell(trial, values, state=state)
+    for callback in callbacks:
+        callback(study, frozen)
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Record an interrupted trial and queue its parameters again so a rerun continues it."""
+    trial.set_user_attr("state", "interrupted")  # the evaluator wrote the table row
+    frozen = study.tell(trial, state=TrialState.FAIL)
+    RetryFailedTrialCallback(max_retry=3)(study, frozen)

@@ -1,0 +1,380 @@
+"""The NNI engine: NNI 3.0 multi-trial strategies over a dynas search space under a hard MAC budget.
+
+The space maps onto NNI one to one: :class:`DynasModelSpace` registers one ``nni.choice(label,
+values)`` per :class:`~search_spaces.Choice`, under the same label, so an NNI sample is the flat dict
+``space.decode()`` takes. NNI has no conditional choices, so every label is sampled every time; the
+space ignores inactive labels when decoding, and two samples that differ only in them decode to the
+same candidate, which the evaluator's duplicate detection answers from the earlier trial's row.
+
+Every sample passes a budget gate (NNI's ``Filter`` middleware) before it can become an NNI trial:
+an over-budget candidate is recorded as ``rejected`` by :meth:`CandidateEvaluator.evaluate` (which
+rejects it from the closed-form count, without building a model) and the strategy is told 0.0. The
+rest are trained by the same :meth:`CandidateEvaluator.evaluate` as Optuna's trials, so both engines
+fill one results table; NNI is told the final val top-1 (0.0 for rejected or failed candidates).
+
+``n_trials`` counts every candidate a run proposes, rejected ones included, as in the Optuna engine.
+NNI's own resume does not work here, so a rerun starts a new NNI strategy (its population and its
+in-run deduplication start empty) but appends to the same table with trial numbers after the
+existing ones, and reuses the result of any candidate already trained there.
+
+Two executions: ``sequential`` (default) trains in this process, with no web server and no files
+outside the results table. ``local`` runs NNI's manager and web UI, with each trial in a
+subprocess; NNI's manager binds to every interface, so a Node preload script forces it onto
+``host`` (127.0.0.1 unless asked otherwise). Its database, logs and checkpoint go under
+``run_dir/nni``; only NNI's experiment index, ``~/nni-experiments/.experiment``, stays at the fixed
+path NNI 3.0 gives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import math
+import os
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dynas.errors import DynasError, did_you_mean
+from dynas.search.evaluate import CandidateEvaluator
+from dynas.search.results import TrialRecord
+
+try:
+    with warnings.catch_warnings():
+        # NNI 3.0 warns at import about every torch class newer than itself.
+        warnings.simplefilter("ignore")
+        import cloudpickle
+        import nni
+        from nni.mutable import ensure_frozen
+        from nni.nas.evaluator import FunctionalEvaluator
+        from nni.nas.execution import SequentialExecutionEngine
+        from nni.nas.nn.pytorch import ModelSpace
+        from nni.nas.space import ExecutableModelSpace, SimplifiedModelSpace
+        from nni.nas.strategy import TPE, GridSearch, Random, RegularizedEvolution, Strategy
+        from nni.nas.strategy.middleware import Chain, Filter
+except ImportError as err:
+    raise ImportError("the NNI engine needs the nni extra: pip install 'dynas[nni]'") from err
+
+__all__ = ["EXECUTIONS", "STRATEGIES", "DynasModelSpace", "make_strategy", "nni_choices", "run_nni_search"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("random", "evolution", "tpe", "grid")
+EXECUTIONS = ("sequential", "local")
+ENGINE = "nni"  # the `engine` column of this engine's rows
+_GRID_LIMIT = 10_000  # same bound as the Optuna grid sampler
+_LOOPBACK_JS = """\
+'use strict';
+// dynas: NNI's manager calls listen(port) with no host, i.e. on every interface. Put every
+// TCP listener of this Node process on DYNAS_NNI_HOST instead (unix sockets are left alone).
+const net = require('net');
+const host = process.env.DYNAS_NNI_HOST;
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  const first = args[0];
+  if (first !== null && typeof first === 'object') {
+    if (first.path === undefined && first.fd === undefined && first.handle === undefined && first._handle === undefined) {
+      args[0] = Object.assign({}, first, { host });
+    }
+  } else if (typeof first === 'number' || (typeof first === 'string' && /^\\d+$/.test(first))) {
+    if (typeof args[1] === 'string') { args[1] = host; } else { args.splice(1, 0, host); }
+  } else if (first === undefined || typeof first === 'function') {
+    args.unshift(0, host);
+  }
+  return listen.apply(this, args);
+};
+"""
+
+
+class DynasModelSpace(ModelSpace):
+    """An NNI model space with one ``nni.choice`` per dynas choice, under the same label.
+
+    It holds choices, not a network: frozen by NNI, ``params`` is the sampled flat dict (every
+    label, active or not) that the trial decodes with ``space.decode`` and hands to the evaluator,
+    which builds and trains the network. It has no ``forward``.
+
+    Args:
+        choices: ``(label, values)`` pairs, e.g. ``nni_choices(space)``; plain data, so NNI can
+            send the space to trial subprocesses.
+    """
+
+    def __init__(self, choices: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        super().__init__()
+        # Dry run: each label's first value; frozen: the sampled one.
+        self.params: dict[str, Any] = {
+            label: ensure_frozen(self.add_mutable(nni.choice(label, list(values)))) for label, values in choices
+        }
+
+
+def nni_choices(space: Any) -> list[tuple[str, list[Any]]]:
+    """The ``(label, values)`` pairs of ``space.choices()``, in order: the NNI space's mutables."""
+    return [(choice.label, list(choice.values)) for choice in space.choices()]
+
+
+def _check_name(kind: str, name: str, options: Sequence[str]) -> None:
+    if name not in options:
+        raise DynasError(f"unknown {kind} {name!r}; choose one of {', '.join(options)}.{did_you_mean(name, options)}")
+
+
+def make_strategy(name: str, space: Any, n_trials: int, seed: int | None) -> Strategy:
+    """An NNI 3.0 multi-trial strategy by name (``STRATEGIES``), seeded; all maximise the metric."""
+    _check_name("strategy", name, STRATEGIES)
+    choices = space.choices()
+    if name == "random":
+        return Random(seed=seed)
+    if name == "evolution":
+        # NNI's defaults (population 100, tournament 25) never leave the random phase in a short
+        # search: size the population to the run, and mutate one choice per child on average.
+        population = min(50, max(2, n_trials // 2))
+        return RegularizedEvolution(
+            population_size=population,
+            sample_size=max(1, population // 3),
+            mutation_prob=1.0 / max(1, len(choices)),
+            seed=seed,
+        )
+    if name == "tpe":
+        return TPE(optimize_mode="maximize", seed=seed)  # NNI's TPE minimises by default
+    size = math.prod(len(c.values) for c in choices)
+    if size > _GRID_LIMIT:
+        # NNI walks the grid in order: a huge grid would only ever see its first corner.
+        raise DynasError(
+            f"the grid strategy needs a space of at most {_GRID_LIMIT} points, but space "
+            f"{space.name!r} has {size}; use random, evolution or tpe, or a smaller space."
+        )
+    return GridSearch(seed=seed)
+
+
+def _next_trial(evaluator: CandidateEvaluator) -> int:
+    """The trial number after every row already in the table (from any engine or earlier run)."""
+    return max((int(row["trial"]) for row in evaluator.results.records()), default=-1) + 1
+
+
+def _final_metric(record: TrialRecord) -> float:
+    """What NNI is told: the val top-1 in %, 0.0 for rejected, failed or unmeasured candidates."""
+    if record.state in ("rejected", "failed") or not math.isfinite(record.val_top1):
+        return 0.0
+    return float(record.val_top1)
+
+
+def _report_epoch(epoch: int, val_top1: float) -> None:
+    """Per-epoch val top-1 to NNI (the web UI's curves); never stops training."""
+    nni.report_intermediate_result(float(val_top1))
+
+
+def _evaluate_sample(model: DynasModelSpace, space: Any, evaluator: CandidateEvaluator) -> None:
+    """The NNI trial: decode the frozen sample, train it through the shared evaluator, report."""
+    candidate = space.decode(model.params)
+    record = evaluator.evaluate(candidate, _next_trial(evaluator), ENGINE, _report_epoch)
+    nni.report_final_result(_final_metric(record))
+
+
+def _evaluate_sample_from_file(model: DynasModelSpace, job: str) -> None:
+    """The NNI trial in a subprocess of the local training service: space and evaluator from ``job``."""
+    with open(job, "rb") as f:
+        state = pickle.load(f)
+    _evaluate_sample(model, state["space"], state["evaluator"])
+
+
+class _BudgetGate(Filter):
+    """NNI ``Filter`` that keeps over-budget samples from becoming trials and ends the run.
+
+    A rejected sample still gets a ``rejected`` row from the evaluator (which never trains an
+    over-budget candidate) and the strategy a 0.0 metric. ``budget_available`` turns false once
+    ``n_trials`` samples were proposed, rejected ones included.
+    """
+
+    def __init__(self, space: Any, evaluator: CandidateEvaluator, n_trials: int) -> None:
+        # patience: the run ends at n_trials proposals anyway; never stop earlier on rejections.
+        super().__init__(self._admit, metric_for_invalid=0.0, patience=n_trials + 1)
+        self.space = space
+        self.evaluator = evaluator
+        self.n_trials = n_trials
+        self.proposed = 0
+        self.rejected_trials: list[int] = []
+
+    def _admit(self, model: ExecutableModelSpace) -> bool:
+        self.proposed += 1
+        candidate = self.space.decode(model.sample)
+        if not self.evaluator.cost(candidate.arch)[2]:
+            return True
+        trial = _next_trial(self.evaluator)
+        self.evaluator.evaluate(candidate, trial, ENGINE)  # records the rejection; trains nothing
+        self.rejected_trials.append(trial)
+        return False
+
+    def budget_available(self) -> bool:
+        return self.proposed < self.n_trials and super().budget_available()
+
+
+@contextlib.contextmanager
+def _nni_logging(verbose: bool) -> Iterator[None]:
+    """NNI logs every sample at INFO; keep it to warnings unless ``verbose``."""
+    nni_logger = logging.getLogger("nni")
+    previous = nni_logger.level
+    nni_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        nni_logger.setLevel(previous)
+
+
+def run_nni_search(
+    space: Any,
+    evaluator: CandidateEvaluator,
+    *,
+    n_trials: int,
+    strategy: str = "evolution",
+    seed: int | None = 0,
+    execution: str = "sequential",
+    port: int = 8081,
+    host: str = "127.0.0.1",
+    verbose: bool = False,
+) -> pd.DataFrame:
+    """Search ``space`` with an NNI 3.0 strategy; every candidate goes through ``evaluator``.
+
+    Args:
+        space: a dynas ``SearchSpace`` (``choices()``, ``decode()``, ``name``).
+        evaluator: budget check, training and results table shared with the Optuna engine.
+        n_trials: candidates this run proposes, rejected (over-budget) ones included.
+        strategy: ``random``, ``evolution`` (regularized evolution), ``tpe`` or ``grid``.
+        seed: the strategy's seed.
+        execution: ``sequential`` (in this process, no server) or ``local`` (NNI's manager, web
+            UI and one subprocess per trial).
+        port: ``local`` only: port of NNI's manager and web UI.
+        host: ``local`` only: the address the manager listens on; loopback unless you ask.
+        verbose: let NNI log at INFO.
+
+    Returns:
+        The rows this run appended to the results table (``evaluator.results.frame()`` has all):
+        ``n_trials`` of them, or fewer when the strategy runs out of new samples (a walked grid).
+    """
+    if n_trials < 1:
+        raise DynasError(f"`trials` must be >= 1, but got trials={n_trials}.")
+    _check_name("execution", execution, EXECUTIONS)
+    first_trial = _next_trial(evaluator)
+    with _nni_logging(verbose):
+        gate = _BudgetGate(space, evaluator, n_trials)
+        chain = Chain(make_strategy(strategy, space, n_trials, seed), gate)
+        model_space = DynasModelSpace(nni_choices(space))
+        if execution == "sequential":
+            nni_evaluator = FunctionalEvaluator(_evaluate_sample, space=space, evaluator=evaluator)
+            _run_sequential(model_space, nni_evaluator, chain)
+        else:
+            _run_local(space, evaluator, model_space, chain, port=port, host=host)
+            _count_subprocess_rows(evaluator, first_trial, set(gate.rejected_trials))
+    frame = evaluator.results.frame()
+    return frame[(frame["trial"] >= first_trial) & (frame["engine"] == ENGINE)].reset_index(drop=True)
+
+
+def _run_sequential(model_space: DynasModelSpace, nni_evaluator: FunctionalEvaluator, chain: Chain) -> None:
+    """What ``NasExperiment`` does for a sequential engine, minus its files in ``~/nni-experiments``."""
+    engine = SequentialExecutionEngine()  # the gate ends the run; a training error ends it too
+    chain.initialize(SimplifiedModelSpace.from_model(model_space, nni_evaluator), engine)
+    try:
+        chain.run()
+    finally:
+        engine.shutdown()
+
+
+def _run_local(
+    space: Any,
+    evaluator: CandidateEvaluator,
+    model_space: DynasModelSpace,
+    chain: Chain,
+    *,
+    port: int,
+    host: str,
+) -> None:
+    """Run through NNI's manager and local training service, listening on ``host`` only."""
+    from nni.nas.experiment import NasExperiment, NasExperimentConfig
+
+    nni_dir = (evaluator.results.run_dir / "nni").resolve()
+    nni_dir.mkdir(parents=True, exist_ok=True)
+    job = nni_dir / "job.pkl"
+    # Trials run in subprocesses: they load the space and evaluator (data included) from disk.
+    # cloudpickle (an NNI dependency) because spaces may hold lambdas; plain pickle reads it back.
+    with job.open("wb") as f:
+        cloudpickle.dump({"space": space, "evaluator": evaluator}, f)
+    config = NasExperimentConfig("ts", "simplified", "local")
+    config.trial_concurrency = 1  # trial numbers come from the table: one writer at a time
+    config.experiment_working_directory = str(nni_dir)
+    nni_evaluator = FunctionalEvaluator(_evaluate_sample_from_file, job=str(job))
+    experiment = NasExperiment(model_space, nni_evaluator, chain, config)
+    outcome: bool | None = False  # run(): True done, False error, None Ctrl-C (NNI stopped it)
+    try:
+        with _bind_node_to(host, nni_dir):
+            outcome = experiment.run(port=port)
+    except RuntimeError as err:
+        if "is not idle" in str(err):
+            raise DynasError(f"`port` must be free for NNI's manager, but got port={port} (in use).") from None
+        raise
+    finally:
+        if outcome is not None:
+            # Also after a failed start: stop() closes NNI's log file and drops its atexit hook.
+            experiment.stop()
+        job.unlink(missing_ok=True)  # a copy of the data set: not worth keeping
+    log = nni_dir / experiment.id / "log"
+    if outcome is None:  # NNI caught Ctrl-C, stopped the experiment and returned None
+        raise KeyboardInterrupt
+    if outcome is False:
+        raise DynasError(f"NNI experiment {experiment.id} ended in ERROR; see {log}.")
+    logger.info("NNI experiment %s: logs and database under %s", experiment.id, log.parent)
+
+
+@contextlib.contextmanager
+def _bind_node_to(host: str, folder: Path) -> Iterator[None]:
+    """Make the NNI manager's Node process listen on ``host`` only.
+
+    NNI 3.0 calls ``app.listen(port)`` with no host (every interface) and has no option for it;
+    Node loads ``--require`` scripts given in ``NODE_OPTIONS`` before NNI's code, so a preload
+    script that supplies the host to ``net.Server.listen`` binds every listener there.
+    """
+    if not _is_loopback(host):
+        logger.warning("NNI's manager and web UI will listen on %s: reachable from other machines.", host)
+    script = folder / "bind_host.js"
+    script.write_text(_LOOPBACK_JS, encoding="utf-8")
+    saved = {key: os.environ.get(key) for key in ("NODE_OPTIONS", "DYNAS_NNI_HOST")}
+    os.environ["NODE_OPTIONS"] = f'{saved["NODE_OPTIONS"] or ""} --require "{script}"'.strip()
+    os.environ["DYNAS_NNI_HOST"] = host
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
+_STATE_COUNTERS: Mapping[str, tuple[str, ...]] = {
+    "complete": ("trained",),
+    "pruned": ("trained", "pruned"),
+    "failed": ("failed",),
+    "duplicate": ("duplicates",),
+    "rejected": ("rejected",),
+}
+
+
+def _count_subprocess_rows(evaluator: CandidateEvaluator, first_trial: int, counted: set[int]) -> None:
+    """Add the rows written by trial subprocesses to ``evaluator.counters`` (their copies are gone)."""
+    for row in evaluator.results.records():
+        if row["engine"] != ENGINE or row["trial"] < first_trial or row["trial"] in counted:
+            continue
+        evaluator.counters.proposed += 1
+        for name in _STATE_COUNTERS.get(row["state"], ()):
+            setattr(evaluator.counters, name, getattr(evaluator.counters, name) + 1)
+

@@ -1,0 +1,141 @@
+"""Many workers on one Optuna study in a real PostgreSQL server; crashes, interrupts, resume.
+
+CI (.ci/run) starts a throw-away server and exports DYNAS_TEST_POSTGRES_URL; locally run
+``source .ci/postgres.sh && pg_start`` first, or these tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny, fast search: 16x16 digits, a few optimizer steps per candidate.
+TINY = [
+    "--space", "mobile_cifar", "--dataset", "digits", "--input-size", "16", "--train-subset", "300",
+    "--epochs", "2", "--max-steps-per-epoch", "3", "--batch-size", "32", "--max-macs", "50M",
+    "--sampler", "random", "--pruner", "none", "--quiet", "--heartbeat-interval", "1", "--grace-period", "4",
+]
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    url = os.environ.get("DYNAS_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("DYNAS_REQUIRE_POSTGRES"):
+            pytest.fail("DYNAS_REQUIRE_POSTGRES is set but DYNAS_TEST_POSTGRES_URL is not")
+        pytest.skip("no PostgreSQL server: source .ci/postgres.sh && pg_start")
+    return url
+
+
+def _worker(run_dir: Path, url: str, study: str, trials: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "run_search.py"), "worker", "--storage", url, "--study-name", study,
+           "--run-dir", str(run_dir), "--trials", str(trials), *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _study(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _table(run_dir: Path) -> pd.DataFrame:
+    return pd.read_json(run_dir / "results.jsonl", lines=True)
+
+
+def _wait_for(predicate, timeout: float = 120, poll: float = 0.2) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError("condition not reached in time")
+
+
+def test_three_workers_complete_exactly_n_trials(tmp_path, postgres_url):
+    name, n = f"w3-{uuid.uuid4().hex[:8]}", 7
+    run_dir = tmp_path / "run"
+    procs = [_worker(run_dir, postgres_url, name, n) for _ in range(3)]
+    for proc in procs:
+        _finish(proc)
+    study = _study(postgres_url, name)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == n
+    table = _table(run_dir)
+    counted = table[table["state"].isin(["complete", "pruned", "rejected", "duplicate"])]
+    # one row per finished trial: nothing lost, nothing written twice
+    assert sorted(counted["trial"]) == sorted(t.number for t in finished)
+    assert table["trial"].is_unique
+
+
+def test_killed_worker_trial_is_failed_and_retried(tmp_path, postgres_url):
+    name, n = f"kill-{uuid.uuid4().hex[:8]}", 3
+    run_dir = tmp_path / "run"
+    # Long enough trials that the kill lands mid-training.
+    victim = _worker(run_dir, postgres_url, name, n, "--max-steps-per-epoch", "40", "--epochs", "3")
+    _wait_for(lambda: _has_running(postgres_url, name))
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed = [t.number for t in _study(postgres_url, name).get_trials(states=(TrialState.RUNNING,))]
+    assert killed, "the worker was killed outside a trial"
+    _finish(_worker(run_dir, postgres_url, name, n))
+    study = _study(postgres_url, name)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == n
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed[0]].state == TrialState.FAIL
+    retried = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed[0]]
+    assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retried[0].params == trials[killed[0]].params
+
+
+def _has_running(url: str, name: str) -> bool:
+    try:
+        return bool(_study(url, name).get_trials(states=(TrialState.RUNNING,)))
+    except KeyError:  # the study does not exist yet
+        return False
+
+
+def test_interrupt_then_rerun_does_not_rerun_finished_trials(tmp_path, postgres_url):
+    name, n = f"int-{uuid.uuid4().hex[:8]}", 4
+    run_dir = tmp_path / "run"
+    proc = _worker(run_dir, postgres_url, name, n, "--max-steps-per-epoch", "40")
+    _wait_for(lambda: _finished_count(postgres_url, name) >= 1 and _has_running(postgres_url, name))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "rerun the same command to continue" in out
+    before = {t.number: t.datetime_complete for t in _study(postgres_url, name).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
+    table = _table(run_dir)
+    assert "interrupted" in set(table["state"])
+    _finish(_worker(run_dir, postgres_url, name, n))
+    study = _study(postgres_url, name)
+    after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
+    assert len(after) == n
+    assert all(after[k] == v for k, v in before.items())  # finished trials untouched
+    rows = _table(run_dir)
+    for number in before:  # and not trained again
+        assert (rows["trial"] == number).sum() == 1
+
+
+def _finished_count(url: str, name: str) -> int:
+    try:
+        return len(_study(url, name).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    except KeyError:
+        return 0
