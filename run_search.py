@@ -72,6 +72,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-steps-per-epoch", type=_positive_int, default=None)
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--num-threads", type=_positive_int, default=None, help="CPU threads for torch (1 per worker when several share a machine)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sampler", default="tpe", help="optuna: tpe, random, nsga2, gp, grid")
     group.add_argument("--pruner", default="median", help="optuna: median, hyperband, none")
     group.add_argument("--strategy", default="evolution", help="nni: random, evolution, tpe, grid")
+    group.add_argument("--execution", default="sequential", help="nni: sequential (in process) or local (NNI web UI)")
+    group.add_argument("--host", default="127.0.0.1", help="nni local: address of the web UI (loopback by default)")
+    group.add_argument("--port", type=_positive_int, default=8081, help="nni local: port of the web UI")
     group.add_argument("--objective", default="top1", help="top1 (single) or top1-macs (Pareto)")
     group.add_argument("--trials", type=_positive_int, default=10)
     group.add_argument("--max-macs", type=_count, default=None, help="MAC budget, e.g. 5M")
@@ -209,7 +213,7 @@ def _load_data(args: argparse.Namespace):
     )
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, quiet: bool | None = None):
     from dynas.training import TrainConfig
 
     return TrainConfig(
@@ -223,7 +227,8 @@ def _train_config(args: argparse.Namespace):
         max_steps_per_epoch=args.max_steps_per_epoch,
         device=args.device,
         seed=args.seed,
-        quiet=args.quiet,
+        num_threads=args.num_threads,
+        quiet=args.quiet if quiet is None else quiet,
     )
 
 
@@ -242,6 +247,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     if args.max_macs is None:
         raise DynasError("a search needs a MAC budget: give --max-macs (e.g. 5M) or `max_macs` in the config.")
+    _check_engine_names(args)  # before loading any data
     run_dir = _prepare_run_dir(args.run_dir)
     data = _load_data(args)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
@@ -249,8 +255,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     ensure_feasible(space, budget)  # before any training
     write_resolved(args, run_dir / "config.yaml")
     results = ResultsTable(run_dir)
-    evaluator = CandidateEvaluator(budget, data, _train_config(args), results, keep_weights=args.keep_weights)
     progress = _TrialProgress(args.trials, quiet=args.quiet)
+    # Candidates train quietly: the trial bar shows progress and the best so far.
+    evaluator = CandidateEvaluator(
+        budget, data, _train_config(args, quiet=True), results, keep_weights=args.keep_weights, on_record=progress.update
+    )
     if args.engine == "optuna":
         from dynas.search.optuna_engine import make_storage, run_optuna_search
 
@@ -266,15 +275,40 @@ def _cmd_search(args: argparse.Namespace) -> int:
             objective=args.objective,
             seed=args.seed,
             timeout=args.timeout,
-            callbacks=[progress.optuna_callback],
         )
     else:
         from dynas.search.nni_engine import run_nni_search
 
-        run_nni_search(space, evaluator, n_trials=args.trials, strategy=args.strategy, seed=args.seed)
+        run_nni_search(
+            space,
+            evaluator,
+            n_trials=args.trials,
+            strategy=args.strategy,
+            seed=args.seed,
+            execution=args.execution,
+            port=args.port,
+            host=args.host,
+            verbose=False,
+        )
     progress.close()
     _print_summary(results, evaluator, run_dir)
     return 0
+
+
+def _check_engine_names(args: argparse.Namespace) -> None:
+    from dynas.errors import did_you_mean
+
+    if args.engine == "optuna":
+        from dynas.search.optuna_engine import OBJECTIVES, PRUNERS, SAMPLERS
+
+        checks = [("sampler", args.sampler, SAMPLERS), ("pruner", args.pruner, PRUNERS), ("objective", args.objective, list(OBJECTIVES))]
+    else:
+        from dynas.search.nni_engine import EXECUTIONS, STRATEGIES
+
+        checks = [("strategy", args.strategy, STRATEGIES), ("execution", args.execution, EXECUTIONS)]
+    for kind, name, options in checks:
+        if name not in options:
+            raise DynasError(f"unknown {kind} {name!r}; choose one of {', '.join(options)}.{did_you_mean(name, options)}")
 
 
 def _prepare_run_dir(path: str) -> Path:
@@ -298,10 +332,9 @@ class _TrialProgress:
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=quiet)
         self.best = float("-inf")
 
-    def optuna_callback(self, study: Any, trial: Any) -> None:
-        value = trial.values[0] if trial.values else None
-        if value is not None and trial.user_attrs.get("state") == "complete":
-            self.best = max(self.best, value)
+    def update(self, record: Any) -> None:
+        if record.state in ("complete", "duplicate"):
+            self.best = max(self.best, record.val_top1)
         self.bar.set_postfix(best_top1=f"{self.best:.2f}" if self.best > float("-inf") else "-")
         self.bar.update(1)
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--space", "mobile_cifar", "--dataset", "digits", "--input-size", "16", "--train-subset", "300",
     "--epochs", "2", "--max-steps-per-epoch", "3", "--batch-size", "32", "--max-macs", "50M",
-    "--sampler", "random", "--pruner", "none", "--quiet", "--heartbeat-interval", "1", "--grace-period", "4",
+    "--sampler", "random", "--pruner", "none", "--quiet", "--num-threads", "1", "--heartbeat-interval", "1", "--grace-period", "4",
 ]
 
 

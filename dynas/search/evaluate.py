@@ -65,6 +65,7 @@ class CandidateEvaluator:
         results: the run's results table.
         keep_weights: keep the final weights of the best ``keep_weights`` trials (by val
             top-1) under ``run_dir/checkpoints``; 0 keeps none.
+        on_record: called with every row appended (progress bars).
     """
 
     def __init__(
@@ -74,12 +75,14 @@ class CandidateEvaluator:
         train_config: TrainConfig,
         results: ResultsTable,
         keep_weights: int = 3,
+        on_record: Callable[[TrialRecord], None] | None = None,
     ) -> None:
         self.budget = budget
         self.data = data
         self.train_config = train_config
         self.results = results
         self.keep_weights = keep_weights
+        self.on_record = on_record
         self.counters = SearchCounters()
 
     def cost(self, arch: ArchSpec) -> tuple[int, int, list[str]]:
@@ -126,16 +129,24 @@ class CandidateEvaluator:
             for key in ("val_top1", "best_val_top1", "epochs", "checkpoint", "val_top1_history"):
                 setattr(row, key, earlier[key])
         else:
-            running = self.results.run_dir / "checkpoints" / "running" / f"trial_{resume_key if resume_key is not None else trial:05d}.pt"
+            if resume_key is None:  # an engine that does not re-queue (NNI) proposing it again
+                resume_key = self.results.find_interrupted(row.arch_json, row.tau_start, row.anneal_fraction)
+            key = resume_key if resume_key is not None else trial
+            running = self.results.run_dir / "checkpoints" / "running" / f"trial_{key:05d}.pt"
             try:
                 self._train(candidate, row, callback, running)
             except KeyboardInterrupt:
                 row.state, row.reason = "interrupted", "stopped by a signal; rerunning the command continues it"
-                self.results.append(row)
+                self._append(row)
                 raise
             _unlink(running)
-        self.results.append(row)
+        self._append(row)
         return row
+
+    def _append(self, row: TrialRecord) -> None:
+        self.results.append(row)
+        if self.on_record is not None:
+            self.on_record(row)
 
     def _train(
         self, candidate: _Candidate, row: TrialRecord, callback: EpochCallback | None, checkpoint: Path

@@ -13,6 +13,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -239,7 +240,9 @@ def run_optuna_search(
     _check_same_search(study, space, evaluator, objective)
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
-        optuna.storages.fail_stale_trials(study)  # re-queues trials of dead workers
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # re-queues trials of dead workers
         finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         if len(finished) >= n_trials:
             break
@@ -254,7 +257,10 @@ def run_optuna_search(
 def _ask_and_tell(
     study: optuna.Study, space: Any, evaluator: CandidateEvaluator, objective: str, n_trials: int, callbacks: Sequence[Any]
 ) -> None:
-    trial = study.ask()
+    with warnings.catch_warnings():
+        # We record heartbeats ourselves (_Heartbeat), which Optuna only expects of optimize().
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        trial = study.ask()
     with _Heartbeat(study, trial):
         try:
             state, values = _run_trial(study, trial, space, evaluator, objective, n_trials)

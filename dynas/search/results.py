@@ -99,9 +99,17 @@ class ResultsTable:
                 return row
         return None
 
+    def find_interrupted(self, arch_json: str, tau_start: float, anneal_fraction: float) -> int | None:
+        """The number of the latest interrupted trial of this candidate that never finished since."""
+        number = None
+        for row in self.records():
+            if row["arch_json"] == arch_json and _same(row["tau_start"], tau_start) and _same(row["anneal_fraction"], anneal_fraction):
+                number = row["trial"] if row["state"] == "interrupted" else None
+        return number
+
     def _write_csv(self) -> None:
         frame = self.frame().drop(columns=["val_top1_history", "attention_entropy"])
-        tmp = self.csv.with_suffix(".csv.tmp")
+        tmp = self.csv.with_suffix(f".csv.{os.getpid()}.tmp")  # workers may share the folder
         frame.to_csv(tmp, index=False)
         os.replace(tmp, self.csv)
 

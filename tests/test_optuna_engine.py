@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import statistics
+
+import optuna
+import pytest
+
+import dynas.search.evaluate as evaluate_module
+from dynas.budget import Budget
+from dynas.counting import closed_form_macs
+from dynas.data import load_data
+from dynas.errors import DynasError
+from dynas.search.evaluate import CandidateEvaluator
+from dynas.search.optuna_engine import make_sampler, make_storage, run_optuna_search
+from dynas.search.results import ResultsTable, pareto_front
+from dynas.training import TrainConfig
+from search_spaces import get_space
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("digits", input_size=16, train_subset=240, val_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def space(data):
+    return get_space("mobile_cifar", input_size=data.input_size, num_classes=data.num_classes)
+
+
+@pytest.fixture(scope="module")
+def median_macs(space):
+    # A budget at the median cost of random samples: about half the proposals break it.
+    return int(statistics.median(closed_form_macs(space.sample(seed=s).arch) for s in range(60)))
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Record the MACs of every model the evaluator builds (i.e. trains)."""
+    seen: list[int] = []
+    real = evaluate_module.build_model
+
+    def counting_build(arch):
+        seen.append(closed_form_macs(arch))
+        return real(arch)
+
+    monkeypatch.setattr(evaluate_module, "build_model", counting_build)
+    return seen
+
+
+def _evaluator(run_dir, data, max_macs):
+    config = TrainConfig(epochs=2, max_steps_per_epoch=2, batch_size=32, quiet=True, num_threads=1)
+    return CandidateEvaluator(Budget(max_macs=max_macs), data, config, ResultsTable(run_dir))
+
+
+def _run(evaluator, space, run_dir, n, **kw):
+    storage = make_storage(f"sqlite:///{run_dir / 'study.db'}")
+    return run_optuna_search(space, evaluator, n_trials=n, storage=storage, study_name="s", **kw)
+
+
+def test_tpe_search_never_trains_over_budget_and_resumes(tmp_path, data, space, median_macs, built):
+    evaluator = _evaluator(tmp_path, data, median_macs)
+    study = _run(evaluator, space, tmp_path, 8, sampler="tpe", pruner="none")
+    table = evaluator.results.frame()
+    assert len(table) == 8 and table["trial"].is_unique
+    trained = table[table["state"].isin(["complete", "pruned", "failed"])]
+    rejected = table[table["state"] == "rejected"]
+    assert (trained["macs"] <= median_macs).all()
+    assert (rejected["macs"] > median_macs).all() and (rejected["train_seconds"] == 0).all()
+    assert built and max(built) <= median_macs
+    assert len(built) == evaluator.counters.trained + evaluator.counters.failed
+    assert evaluator.counters.rejected == len(rejected)
+    assert len(study.trials) == 8
+    # the sampler was told about violations
+    for t in study.trials:
+        assert (t.system_attrs["constraints:macs"] > 0) == (t.user_attrs["state"] == "rejected")
+
+    # Rerunning the same search resumes: nothing new to do, then two more trials on request.
+    again = _evaluator(tmp_path, data, median_macs)
+    assert len(_run(again, space, tmp_path, 8, sampler="tpe", pruner="none").trials) == 8
+    assert again.counters.proposed == 0
+    _run(again, space, tmp_path, 10, sampler="tpe", pruner="none")
+    table = again.results.frame()
+    assert len(table) == 10 and table["trial"].is_unique
+
+
+def test_nsga2_multi_objective_pareto(tmp_path, data, space, median_macs, built):
+    evaluator = _evaluator(tmp_path, data, median_macs)
+    study = _run(evaluator, space, tmp_path, 6, sampler="nsga2", objective="top1-macs", pruner="none")
+    assert all(len(t.values) == 2 for t in study.trials if t.values)
+    front = pareto_front(evaluator.results.frame())
+    assert not front.empty and (front["state"] == "complete").all()
+    assert max(built) <= median_macs
+
+
+def test_duplicate_architecture_is_not_retrained(tmp_path, data, space, median_macs, built):
+    evaluator = _evaluator(tmp_path, data, 10**12)
+    candidate = space.sample(seed=3)
+    first = evaluator.evaluate(candidate, 0, "optuna")
+    second = evaluator.evaluate(candidate, 1, "optuna")
+    assert first.state == "complete" and second.state == "duplicate"
+    assert second.val_top1 == first.val_top1 and second.reason == "same as trial 0"
+    assert len(built) == 1
+
+
+def test_refuses_to_mix_budgets_in_one_study(tmp_path, data, space, median_macs):
+    _run(_evaluator(tmp_path, data, median_macs), space, tmp_path, 1, pruner="none")
+    with pytest.raises(DynasError, match=r"was created with budget .* refusing to mix"):
+        _run(_evaluator(tmp_path, data, median_macs + 1), space, tmp_path, 2, pruner="none")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sampler="tpee"), r"unknown sampler 'tpee'.*Did you mean 'tpe'\?"),
+        (dict(pruner="medain"), r"unknown pruner 'medain'.*Did you mean 'median'\?"),
+        (dict(objective="acc"), r"unknown objective 'acc'"),
+    ],
+)
+def test_unknown_names(tmp_path, data, space, kwargs, match):
+    with pytest.raises(DynasError, match=match):
+        _run(_evaluator(tmp_path, data, 10**9), space, tmp_path, 1, **kwargs)
+
+
+def test_grid_refuses_huge_space(space):
+    with pytest.raises(DynasError, match=r"grid sampler needs a space of at most 10000 points"):
+        make_sampler("grid", space, 0)
+
+
+@pytest.mark.parametrize(
+    "url,match",
+    [
+        ("study.db", r"`storage` must be an Optuna storage URL .* but got storage='study.db'"),
+        ("postgresql://u:secret@127.0.0.1:1/db", r"cannot open storage 'postgresql://u:\*\*\*@127.0.0.1:1/db'"),
+        ("nosuchdb://x/y", r"cannot open storage 'nosuchdb://x/y'"),
+    ],
+)
+def test_bad_storage_urls(url, match):
+    with pytest.raises(DynasError, match=match):
+        make_storage(url)
+
+
+def test_random_sampler_reproducible(tmp_path, data, space):
+    def params(run_dir):
+        run_dir.mkdir()
+        ev = _evaluator(run_dir, data, 1)  # everything rejected: no training, fast
+        study = _run(ev, space, run_dir, 3, sampler="random", seed=7, pruner="none")
+        return [t.params for t in study.trials]
+
+    assert params(tmp_path / "a") == params(tmp_path / "b")
+    assert optuna.__version__
