@@ -6,6 +6,7 @@ CI (.ci/run) starts a throw-away server and exports DYNAS_TEST_POSTGRES_URL; loc
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
+
+from dynas.search.optuna_engine import make_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +54,13 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
+@functools.cache
+def _storage(url: str):
+    return make_storage(url, heartbeat_interval=None)
+
+
 def _study(url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url)
+    return optuna.load_study(study_name=name, storage=_storage(url))
 
 
 def _table(run_dir: Path) -> pd.DataFrame:
@@ -115,8 +123,10 @@ def _has_running(url: str, name: str) -> bool:
 def test_interrupt_then_rerun_does_not_rerun_finished_trials(tmp_path, postgres_url):
     name, n = f"int-{uuid.uuid4().hex[:8]}", 4
     run_dir = tmp_path / "run"
-    proc = _worker(run_dir, postgres_url, name, n, "--max-steps-per-epoch", "40")
-    _wait_for(lambda: _finished_count(postgres_url, name) >= 1 and _has_running(postgres_url, name))
+    slow = ("--max-steps-per-epoch", "30", "--epochs", "3")
+    proc = _worker(run_dir, postgres_url, name, n, *slow)
+    # Interrupt mid-training: a running trial that has reported its first epoch.
+    _wait_for(lambda: _finished_count(postgres_url, name) >= 1 and _running_trained(postgres_url, name))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
@@ -124,7 +134,7 @@ def test_interrupt_then_rerun_does_not_rerun_finished_trials(tmp_path, postgres_
     before = {t.number: t.datetime_complete for t in _study(postgres_url, name).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
     table = _table(run_dir)
     assert "interrupted" in set(table["state"])
-    _finish(_worker(run_dir, postgres_url, name, n))
+    _finish(_worker(run_dir, postgres_url, name, n, *slow))  # the same command again
     study = _study(postgres_url, name)
     after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
     assert len(after) == n
@@ -132,6 +142,13 @@ def test_interrupt_then_rerun_does_not_rerun_finished_trials(tmp_path, postgres_
     rows = _table(run_dir)
     for number in before:  # and not trained again
         assert (rows["trial"] == number).sum() == 1
+    interrupted = int(rows.loc[rows["state"] == "interrupted", "trial"].iloc[0])
+    retried = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == interrupted]
+    assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _running_trained(url: str, name: str) -> bool:
+    return any(t.intermediate_values for t in _study(url, name).get_trials(states=(TrialState.RUNNING,)))
 
 
 def _finished_count(url: str, name: str) -> int:

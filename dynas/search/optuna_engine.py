@@ -9,7 +9,9 @@ command resumes it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import random
 import re
 import threading
 import time
@@ -22,7 +24,8 @@ from dynas.search.evaluate import CandidateEvaluator
 
 try:
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+    import sqlalchemy
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 except ImportError as err:  # pragma: no cover - optuna is a core dependency
     raise ImportError("The Optuna engine needs optuna: pip install optuna") from err
@@ -97,9 +100,13 @@ def _run_trial(
     candidate = space.suggest(trial)
     macs, params, _ = evaluator.cost(candidate.arch)
     budget = evaluator.budget
-    trial.set_constraint("macs", float(macs - budget.max_macs))
+    system_attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+    constraints = {"macs": macs - budget.max_macs}
     if budget.max_params is not None:
-        trial.set_constraint("params", float(params - budget.max_params))
+        constraints["params"] = params - budget.max_params
+    for key, value in constraints.items():
+        if f"constraints:{key}" not in system_attrs:  # a retried trial inherits its constraints
+            trial.set_constraint(key, float(value))
     trial.set_user_attr("arch", candidate.arch.to_str())
     trial.set_user_attr("macs", macs)
 
@@ -107,8 +114,8 @@ def _run_trial(
         trial.report(val_top1, epoch)
         return trial.should_prune()
 
-    # Set by RetryFailedTrialCallback on a re-queued trial: the number of the trial it retries.
-    retry_of = study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    # Set by RetryHeartbeatStaleTrialCallback on a re-queued trial: the number of the trial it retries.
+    retry_of = system_attrs.get("failed_trial")
     record = evaluator.evaluate(
         candidate, trial.number, "optuna", None if multi else prune, resume_key=retry_of
     )
@@ -181,17 +188,36 @@ def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
             f"`storage` must be an Optuna storage URL such as sqlite:///study.db or "
             f"postgresql://user@host/db, but got storage={url!r}."
         )
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
-            engine_kwargs={"pool_pre_ping": True},
-        )
-    except Exception as err:  # sqlalchemy raises many types: unreachable host, bad driver, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DynasError(f"cannot open storage {_redact(url)!r}: {first}") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    _with_driver(url),
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+        except sqlalchemy.exc.IntegrityError:
+            # Workers started together on a fresh database race to create Optuna's tables;
+            # the losers see a unique violation and find the tables there on the next try.
+            time.sleep(0.5 + random.random() * (attempt + 1))
+        except Exception as err:  # sqlalchemy raises many types: unreachable host, bad driver, ...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DynasError(f"cannot open storage {_redact(url)!r}: {first}") from None
+    raise DynasError(f"cannot open storage {_redact(url)!r}: its tables could not be created (5 tries).")
+
+
+def _with_driver(url: str) -> str:
+    """Plain postgresql:// URLs use psycopg2 (the `postgres` extra) unless psycopg 3 is installed.
+
+    SQLAlchemy 2.1 made psycopg 3 the default driver of ``postgresql://``.
+    """
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
 
 
 def _redact(url: str) -> str:
@@ -283,4 +309,4 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
     """Record an interrupted trial and queue its parameters again so a rerun continues it."""
     trial.set_user_attr("state", "interrupted")  # the evaluator wrote the table row
     frozen = study.tell(trial, state=TrialState.FAIL)
-    RetryFailedTrialCallback(max_retry=3)(study, frozen)
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, frozen)

@@ -1,0 +1,472 @@
+"""The canonical value of an architecture: frozen, validated dataclasses and their two forms.
+
+An :class:`ArchSpec` is a stem, a tuple of :class:`StageSpec` (each a tuple of inverted-residual
+:class:`BlockSpec`), and a classifier head. A spec holds actual channel counts (width multipliers
+are applied by whoever makes the spec, once) and is rebuilt into a model by
+:func:`dynas.builder.build_model`.
+
+Two lossless forms:
+
+* JSON: :meth:`ArchSpec.to_dict` / :meth:`ArchSpec.from_dict`, with ``"format_version": 1``;
+* one line, for logs and tables: :meth:`ArchSpec.to_str` / :meth:`ArchSpec.from_str`::
+
+      r32_in3_stem16s1_relu6 / k3e1c16s1_relu6 / k5e6c24s2_relu6_se_dy4pw k3e4.5c24s1_relu6 / head320_relu6_cls10_drop0.2
+
+  Sections are separated by ``" / "``: the stem, one section per stage (its blocks separated by
+  spaces), and the head. Within a section, tokens are joined by ``"_"``::
+
+      stem   r{input_size}_in{in_channels}_stem{stem_channels}s{stem_stride}_{stem_activation}
+      block  k{kernel_size}e{expansion}c{out_channels}s{stride}_{activation}[_se][_dy{K}{pw|all}]
+      head   head{head_channels}_{head_activation}[_fc{head_hidden}][_dy{head_num_kernels}]
+             _cls{num_classes}_drop{dropout}[_att{attention_reduction}m{attention_min_hidden}]
+
+  Bracketed tokens are written only when they differ from the default (no SE, static, no hidden
+  FC, attention 4/4). Floats are written in Python's shortest round-trip form (``e4.5``,
+  ``e3.6666666666666665``), so every field round-trips exactly. Unknown, repeated, misplaced or
+  missing tokens are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from dynas.errors import DynasError, did_you_mean
+
+__all__ = ["ACTIVATIONS", "DYNAMIC_CONVS", "FORMAT_VERSION", "ArchSpec", "BlockSpec", "StageSpec", "make_divisible"]
+
+#: Activation names a spec accepts (built by :func:`dynas.builder.create_act`).
+ACTIVATIONS = ("relu", "relu6", "hswish")
+#: Which convolutions of a dynamic block are dynamic: both 1x1 convs, or all three.
+DYNAMIC_CONVS = ("pw", "all")
+#: Version of the JSON form written by ``to_dict``; ``from_dict`` reads this and older.
+FORMAT_VERSION = 1
+
+_T = TypeVar("_T")
+_NUM = r"[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?"  # what _fmt_float writes
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``v`` to the nearest multiple of ``divisor``, never below 90% of ``v`` (MobileNet's rule).
+
+    >>> make_divisible(32 * 0.35), make_divisible(88.0), make_divisible(1280 * 0.75)
+    (16, 88, 960)
+
+    Args:
+        v: the channel count to round (> 0).
+        divisor: the multiple to round to (>= 1).
+        min_value: the smallest result allowed (default: ``divisor``).
+    """
+    _check_int("divisor", divisor, 1)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+        raise ValueError(f"`v` must be a finite number > 0, but got v={v!r}.")
+    min_value = divisor if min_value is None else min_value
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:  # rounding down must not remove more than 10% of the channels
+        new_v += divisor
+    return new_v
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def _check_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if ok and (maximum is None or value <= maximum):
+        return
+    bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+    raise ValueError(f"`{name}` must be an integer {bound}, but got {name}={value!r}.")
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
+    if isinstance(value, str) and value in allowed:
+        return
+    raise ValueError(
+        f"`{name}` must be one of {tuple(allowed)}, but got {name}={value!r}.{did_you_mean(str(value), allowed)}"
+    )
+
+
+def _as_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"`{name}` must be a finite number, but got {name}={value!r}.")
+    return float(value)
+
+
+def _fmt_float(v: float) -> str:
+    """Shortest exact form: ``6.0 -> '6'``, ``4.5 -> '4.5'`` (``float(s) == v`` always holds)."""
+    return str(int(v)) if v.is_integer() and abs(v) < 1e16 else repr(v)
+
+
+# ----------------------------------------------------------------------------- dict form helpers
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _required(cls: type) -> list[str]:
+    missing = dataclasses.MISSING
+    return [f.name for f in dataclasses.fields(cls) if f.default is missing and f.default_factory is missing]
+
+
+def _check_keys(what: str, data: object, allowed: Sequence[str], required: Sequence[str]) -> None:
+    """Reject a non-mapping, unknown keys (with a suggestion) and missing required keys."""
+    if not isinstance(data, Mapping):
+        raise DynasError(f"{what} must be a JSON object (dict), but got {type(data).__name__}: {data!r}.")
+    for key in data:
+        if key not in allowed:
+            raise DynasError(
+                f"unknown key {key!r} in {what}.{did_you_mean(key, allowed)} Known keys: {', '.join(allowed)}."
+            )
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise DynasError(f"{what} is missing the required key(s) {', '.join(map(repr, missing))}.")
+
+
+# ----------------------------------------------------------------------------- string form helpers
+
+
+@dataclass(frozen=True)
+class _Token:
+    """One ``_``-separated token of a string section: its name, pattern and default presence."""
+
+    name: str
+    pattern: str
+    required: bool = True
+
+
+def _parse_tokens(section: str, what: str, tokens: Sequence[_Token], example: str) -> dict[str, re.Match[str]]:
+    """Match ``section``'s tokens, in order, against ``tokens``; every token must be consumed."""
+    parts = section.split("_")
+    found: dict[str, re.Match[str]] = {}
+    i = 0
+    for tok in tokens:
+        match = re.fullmatch(tok.pattern, parts[i]) if i < len(parts) else None
+        if match:
+            found[tok.name] = match
+            i += 1
+        elif tok.required:
+            got = f"got {parts[i]!r}" if i < len(parts) else "the section ended"
+            raise DynasError(
+                f"cannot parse {what} {section!r}: expected the `{tok.name}` token ({tok.pattern}) at "
+                f"position {i + 1}, but {got}. A valid {what} looks like {example!r}."
+            )
+    if i < len(parts):
+        raise DynasError(
+            f"cannot parse {what} {section!r}: unknown, repeated or misplaced token {parts[i]!r}. "
+            f"A valid {what} looks like {example!r}."
+        )
+    return found
+
+
+def _parse_int(match: re.Match[str], group: int = 1) -> int:
+    return int(match.group(group))
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One inverted residual: expand 1x1 -> depthwise kxk -> optional SE -> project 1x1.
+
+    The residual is added when ``stride == 1`` and the block keeps its channel count. For static
+    blocks (``num_kernels == 1``) ``dynamic_convs`` has no effect and is normalised to ``"pw"``,
+    so equal architectures compare (and hash) equal.
+    """
+
+    kernel_size: int  # depthwise kernel, odd, 1..9
+    expansion: float  # expanded = make_divisible(in_channels * expansion, 8); 1 = no expand conv
+    out_channels: int
+    stride: int = 1  # of the depthwise conv, 1 or 2
+    se: bool = False  # squeeze-excite on the expanded channels (MobileNetV3 style)
+    activation: str = "relu6"  # after the expand and depthwise convs
+    num_kernels: int = 1  # 1 = static; K >= 2 = DynamicConv2d with K kernels
+    dynamic_convs: str = "pw"  # which convs are dynamic when K >= 2: "pw" (both 1x1s) or "all"
+
+    EXAMPLE: ClassVar[str] = "k5e6c40s2_hswish_se_dy4pw"
+    _TOKENS: ClassVar[tuple[_Token, ...]] = (
+        _Token("shape", rf"k([0-9]+)e({_NUM})c([0-9]+)s([0-9]+)"),
+        _Token("activation", rf"({'|'.join(ACTIVATIONS)})"),
+        _Token("se", r"se", required=False),
+        _Token("dy", rf"dy([0-9]+)({'|'.join(DYNAMIC_CONVS)})", required=False),
+    )
+
+    def __post_init__(self) -> None:
+        ks = self.kernel_size
+        if isinstance(ks, bool) or not isinstance(ks, int) or not (1 <= ks <= 9 and ks % 2 == 1):
+            raise ValueError(f"`kernel_size` must be odd and in 1..9, but got kernel_size={ks!r}.")
+        expansion = _as_float("expansion", self.expansion)
+        if expansion < 1.0:
+            raise ValueError(f"`expansion` must be >= 1, but got expansion={self.expansion!r}.")
+        object.__setattr__(self, "expansion", expansion)  # 6 and 6.0 are one architecture
+        _check_int("out_channels", self.out_channels)
+        if self.stride not in (1, 2) or isinstance(self.stride, bool):
+            raise ValueError(f"`stride` must be 1 or 2, but got stride={self.stride!r}.")
+        if not isinstance(self.se, bool):
+            raise TypeError(f"`se` must be a bool, but got se={self.se!r}.")
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_int("num_kernels", self.num_kernels)
+        _check_choice("dynamic_convs", self.dynamic_convs, DYNAMIC_CONVS)
+        if self.num_kernels == 1:
+            object.__setattr__(self, "dynamic_convs", "pw")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether the block uses dynamic convolution (``num_kernels >= 2``)."""
+        return self.num_kernels > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: every field, by name."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are errors, missing optional keys take defaults."""
+        _check_keys("a block", data, _field_names(cls), _required(cls))
+        return _spec_error(f"block {dict(data)}", lambda: cls(**data))
+
+    def to_str(self) -> str:
+        """The one-token form, e.g. ``'k5e6c40s2_hswish_se_dy4pw'``."""
+        s = f"k{self.kernel_size}e{_fmt_float(self.expansion)}c{self.out_channels}s{self.stride}_{self.activation}"
+        if self.se:
+            s += "_se"
+        if self.is_dynamic:
+            s += f"_dy{self.num_kernels}{self.dynamic_convs}"
+        return s
+
+    @classmethod
+    def from_str(cls, s: str) -> BlockSpec:
+        """Parse :meth:`to_str`'s form; raises :class:`DynasError` on anything else."""
+        tok = _parse_tokens(s, "block", cls._TOKENS, cls.EXAMPLE)
+        shape, dy = tok["shape"], tok.get("dy")
+        if dy is not None and int(dy.group(1)) < 2:
+            raise DynasError(
+                f"cannot parse block {s!r}: `dy{dy.group(1)}` asks for fewer than 2 kernels; "
+                f"leave out the dy token for a static block, e.g. {cls.EXAMPLE!r}."
+            )
+        return _spec_error(
+            f"block {s!r}",
+            lambda: cls(
+                kernel_size=_parse_int(shape, 1),
+                expansion=float(shape.group(2)),
+                out_channels=_parse_int(shape, 3),
+                stride=_parse_int(shape, 4),
+                se="se" in tok,
+                activation=tok["activation"].group(1),
+                num_kernels=int(dy.group(1)) if dy else 1,
+                dynamic_convs=dy.group(2) if dy else "pw",
+            ),
+        )
+
+
+def _spec_error(what: str, make: Callable[[], _T]) -> _T:
+    """Call ``make()``; a validation error becomes a DynasError that names what was parsed."""
+    try:
+        return make()
+    except (ValueError, TypeError) as err:
+        raise DynasError(f"invalid {what}: {err}") from None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A non-empty tuple of blocks (a list is accepted and stored as a tuple)."""
+
+    blocks: tuple[BlockSpec, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, (list, tuple)):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        else:
+            raise TypeError(f"`blocks` must be a tuple of BlockSpec, but got blocks={self.blocks!r}.")
+        if not self.blocks:
+            raise ValueError("`blocks` must hold at least one BlockSpec, but got blocks=().")
+        for i, block in enumerate(self.blocks):
+            if not isinstance(block, BlockSpec):
+                raise TypeError(f"`blocks[{i}]` must be a BlockSpec, but got {type(block).__name__}: {block!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``{"blocks": [block dicts]}``."""
+        return {"blocks": [b.to_dict() for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StageSpec:
+        """Inverse of :meth:`to_dict`."""
+        _check_keys("a stage", data, ["blocks"], ["blocks"])
+        if not isinstance(data["blocks"], (list, tuple)):
+            raise DynasError(f"a stage's `blocks` must be a list, but got {data['blocks']!r}.")
+        return cls(tuple(BlockSpec.from_dict(b) for b in data["blocks"]))
+
+    def to_str(self) -> str:
+        """The blocks' string forms separated by spaces."""
+        return " ".join(b.to_str() for b in self.blocks)
+
+    @classmethod
+    def from_str(cls, s: str) -> StageSpec:
+        """Parse :meth:`to_str`'s form."""
+        parts = s.split()
+        if not parts:
+            raise DynasError(f"cannot parse an empty stage; a stage is one or more blocks such as {BlockSpec.EXAMPLE!r}.")
+        return cls(tuple(BlockSpec.from_str(p) for p in parts))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A whole network: stem conv, stages of inverted residuals, classifier head.
+
+    All channel counts are actual counts (multipliers already applied).
+    """
+
+    stem_channels: int
+    stages: tuple[StageSpec, ...]
+    head_channels: int  # the last 1x1 conv, before global pooling
+    stem_stride: int = 2  # of the 3x3 stem conv, 1 or 2
+    stem_activation: str = "relu6"
+    head_activation: str = "relu6"
+    head_hidden: int = 0  # 0 = none; else a hidden Linear (MobileNetV3's 1024) before the classifier
+    head_num_kernels: int = 1  # 1 = static head 1x1 conv; K >= 2 = dynamic
+    num_classes: int = 1000
+    input_size: int = 224  # square input resolution the spec is meant (and counted) for
+    in_channels: int = 3
+    dropout: float = 0.2  # before the classifier, in [0, 1)
+    attention_reduction: int = 4  # DynamicConv2d attention hidden = max(in // reduction, min_hidden)
+    attention_min_hidden: int = 4
+
+    EXAMPLE: ClassVar[str] = (
+        "r32_in3_stem16s1_relu6 / k3e1c16s1_relu6 / k5e6c24s2_relu6_se_dy4pw k3e4.5c24s1_relu6 "
+        "/ head320_relu6_cls10_drop0.2"
+    )
+    _STEM_TOKENS: ClassVar[tuple[_Token, ...]] = (
+        _Token("input_size", r"r([0-9]+)"),
+        _Token("in_channels", r"in([0-9]+)"),
+        _Token("stem", r"stem([0-9]+)s([0-9]+)"),
+        _Token("stem_activation", rf"({'|'.join(ACTIVATIONS)})"),
+    )
+    _HEAD_TOKENS: ClassVar[tuple[_Token, ...]] = (
+        _Token("head", r"head([0-9]+)"),
+        _Token("head_activation", rf"({'|'.join(ACTIVATIONS)})"),
+        _Token("head_hidden", r"fc([0-9]+)", required=False),
+        _Token("head_num_kernels", r"dy([0-9]+)", required=False),
+        _Token("num_classes", r"cls([0-9]+)"),
+        _Token("dropout", rf"drop({_NUM})"),
+        _Token("attention", r"att([0-9]+)m([0-9]+)", required=False),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("stem_channels", "head_channels", "num_classes", "input_size", "in_channels"):
+            _check_int(name, getattr(self, name))
+        for name in ("head_num_kernels", "attention_reduction", "attention_min_hidden"):
+            _check_int(name, getattr(self, name))
+        _check_int("head_hidden", self.head_hidden, 0)
+        if self.stem_stride not in (1, 2) or isinstance(self.stem_stride, bool):
+            raise ValueError(f"`stem_stride` must be 1 or 2, but got stem_stride={self.stem_stride!r}.")
+        _check_choice("stem_activation", self.stem_activation, ACTIVATIONS)
+        _check_choice("head_activation", self.head_activation, ACTIVATIONS)
+        dropout = _as_float("dropout", self.dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must lie in [0, 1), but got dropout={self.dropout!r}.")
+        object.__setattr__(self, "dropout", dropout)
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        if not isinstance(self.stages, (list, tuple)):
+            raise TypeError(f"`stages` must be a tuple of StageSpec, but got stages={self.stages!r}.")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise ValueError("`stages` must hold at least one StageSpec, but got stages=().")
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, StageSpec):
+                raise TypeError(f"`stages[{i}]` must be a StageSpec, but got {type(stage).__name__}: {stage!r}.")
+
+    @property
+    def blocks(self) -> tuple[BlockSpec, ...]:
+        """All blocks, in order, across stages."""
+        return tuple(b for stage in self.stages for b in stage.blocks)
+
+    # --- JSON form
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON form: ``format_version`` plus every field (stages as nested dicts)."""
+        data: dict[str, Any] = {"format_version": FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = [s.to_dict() for s in value] if f.name == "stages" else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArchSpec:
+        """Inverse of :meth:`to_dict`. Reads every format version up to :data:`FORMAT_VERSION`.
+
+        Raises:
+            DynasError: unknown keys (with a close-match suggestion), missing required keys, a
+                newer format version, or invalid values.
+        """
+        _check_keys("an arch spec", data, ["format_version", *_field_names(cls)], _required(cls))
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise DynasError(
+                f"`format_version` must be an integer in 1..{FORMAT_VERSION} (this dynas reads up to "
+                f"{FORMAT_VERSION}), but got format_version={version!r}."
+            )
+        fields = {k: v for k, v in data.items() if k != "format_version"}
+        if not isinstance(fields["stages"], (list, tuple)):
+            raise DynasError(f"an arch spec's `stages` must be a list, but got {fields['stages']!r}.")
+        fields["stages"] = tuple(StageSpec.from_dict(s) for s in fields["stages"])
+        return _spec_error("arch spec", lambda: cls(**fields))
+
+    # --- one-line form
+
+    def to_str(self) -> str:
+        """The one-line form (see the module docstring for the grammar)."""
+        stem = (
+            f"r{self.input_size}_in{self.in_channels}_stem{self.stem_channels}s{self.stem_stride}_{self.stem_activation}"
+        )
+        head = f"head{self.head_channels}_{self.head_activation}"
+        if self.head_hidden:
+            head += f"_fc{self.head_hidden}"
+        if self.head_num_kernels > 1:
+            head += f"_dy{self.head_num_kernels}"
+        head += f"_cls{self.num_classes}_drop{_fmt_float(self.dropout)}"
+        if (self.attention_reduction, self.attention_min_hidden) != (4, 4):
+            head += f"_att{self.attention_reduction}m{self.attention_min_hidden}"
+        return " / ".join([stem, *(s.to_str() for s in self.stages), head])
+
+    @classmethod
+    def from_str(cls, s: str) -> ArchSpec:
+        """Parse :meth:`to_str`'s form; raises :class:`DynasError` (showing a valid example) otherwise."""
+        sections = [part.strip() for part in str(s).split("/")]
+        if len(sections) < 3:
+            raise DynasError(
+                f"cannot parse arch {s!r}: expected 'stem / stage / ... / head' (at least 3 sections "
+                f"separated by ' / '), but got {len(sections)}. A valid arch looks like {cls.EXAMPLE!r}."
+            )
+        stem = _parse_tokens(sections[0], "stem", cls._STEM_TOKENS, cls.EXAMPLE.split(" / ")[0])
+        head = _parse_tokens(sections[-1], "head", cls._HEAD_TOKENS, cls.EXAMPLE.split(" / ")[-1])
+        stages = tuple(StageSpec.from_str(part) for part in sections[1:-1])
+        head_dy = head.get("head_num_kernels")
+        if head_dy is not None and int(head_dy.group(1)) < 2:
+            raise DynasError(f"cannot parse arch {s!r}: the head's `dy` token needs K >= 2; leave it out for a static head.")
+        att = head.get("attention")
+        return _spec_error(
+            "arch string",
+            lambda: cls(
+                stem_channels=_parse_int(stem["stem"], 1),
+                stem_stride=_parse_int(stem["stem"], 2),
+                stem_activation=stem["stem_activation"].group(1),
+                stages=stages,
+                head_channels=_parse_int(head["head"]),
+                head_activation=head["head_activation"].group(1),
+                head_hidden=_parse_int(head["head_hidden"]) if "head_hidden" in head else 0,
+                head_num_kernels=_parse_int(head_dy) if head_dy else 1,
+                num_classes=_parse_int(head["num_classes"]),
+                input_size=_parse_int(stem["input_size"]),
+                in_channels=_parse_int(stem["in_channels"]),
+                dropout=float(head["dropout"].group(1)),
+                attention_reduction=_parse_int(att, 1) if att else 4,
+                attention_min_hidden=_parse_int(att, 2) if att else 4,
+            ),
+        )

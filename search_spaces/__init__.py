@@ -1,0 +1,66 @@
+"""Search spaces and their registry.
+
+>>> sorted(list_spaces())
+['mobile_cifar', 'mobile_imagenet']
+>>> get_space("mobile_cifar", num_classes=100).smallest().num_classes
+100
+
+A new space is one file that subclasses :class:`SearchSpace` and calls :func:`register_space`
+(see :mod:`search_spaces._base`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from dynas.errors import DynasError, did_you_mean
+from search_spaces._base import Candidate, Choice, SearchSpace
+
+__all__ = ["Candidate", "Choice", "SearchSpace", "get_space", "list_spaces", "register_space"]
+
+_S = TypeVar("_S", bound=type[SearchSpace])
+_REGISTRY: dict[str, type[SearchSpace]] = {}
+
+
+def register_space(space: _S) -> _S:
+    """Register a :class:`SearchSpace` subclass under its ``name`` (usable as a class decorator).
+
+    Raises:
+        TypeError: ``space`` is not a SearchSpace subclass, or has no string ``name``.
+        DynasError: another space is registered under that name.
+    """
+    if not (isinstance(space, type) and issubclass(space, SearchSpace)):
+        raise TypeError(f"`space` must be a SearchSpace subclass, but got space={space!r}.")
+    name = getattr(space, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"`{space.__name__}.name` must be a non-empty string, but got name={name!r}.")
+    if name in _REGISTRY:
+        raise DynasError(
+            f"a search space named {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
+            f"choose another `name` for {space.__qualname__}."
+        )
+    _REGISTRY[name] = space
+    return space
+
+
+def list_spaces() -> list[str]:
+    """The registered space names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_space(name: str, **kwargs: Any) -> SearchSpace:
+    """A new instance of the space registered as ``name``; ``kwargs`` go to its constructor.
+
+    Raises:
+        DynasError: no space has that name (with a close-match suggestion).
+    """
+    if name not in _REGISTRY:
+        raise DynasError(
+            f"unknown search space {name!r}.{did_you_mean(name, _REGISTRY)} "
+            f"Registered spaces: {', '.join(list_spaces())}."
+        )
+    return _REGISTRY[name](**kwargs)
+
+
+# The built-in spaces register themselves on import; this must follow register_space's definition.
+from search_spaces import mobile  # noqa: E402,F401
