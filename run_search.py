@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--trials", type=_positive_int, default=10)
     group.add_argument("--max-macs", type=_count, default=None, help="MAC budget, e.g. 5M")
     group.add_argument("--max-params", type=_count, default=None, help="parameter budget, e.g. 1M")
+    group.add_argument("--max-latency-ms", type=_positive_float, default=None, help="CPU latency budget at batch 1 (measured before training)")
     group.add_argument("--timeout", type=_positive_float, default=None, help="seconds")
     group.add_argument("--keep-weights", type=int, default=3, help="keep the weights of the best N trials")
     out = search.add_argument_group("output")
@@ -251,7 +252,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     run_dir = _prepare_run_dir(args.run_dir)
     data = _load_data(args)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
-    budget = Budget(max_macs=args.max_macs, max_params=args.max_params)
+    budget = Budget(max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms)
     ensure_feasible(space, budget)  # before any training
     write_resolved(args, run_dir / "config.yaml")
     results = ResultsTable(run_dir)
@@ -446,7 +447,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if args.by_module:
         print(report.by_module.to_string(index=False))
     if args.latency:
-        ms = measure_latency(build_model(arch), arch.input_size)
+        ms = measure_latency(build_model(arch), (arch.in_channels, arch.input_size, arch.input_size))
         print(f"CPU latency at batch 1: {ms:.2f} ms")
     return 0
 

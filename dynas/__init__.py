@@ -1,9 +1,56 @@
-"""dynas: neural architecture search with dynamic convolution."""
+"""dynas: neural architecture search with dynamic convolution.
 
+The light parts (operator, spec, builder, presets, temperature schedule) import eagerly; the
+parts that pull fvcore, pandas or the data loaders import on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from dynas.builder import build_model
 from dynas.errors import DynasError
 from dynas.ops import DynamicConv2d
+from dynas.presets import get_preset, list_presets
+from dynas.spec import ArchSpec, BlockSpec, StageSpec, make_divisible
 from dynas.temperature import LinearAnneal, dynamic_layers, set_temperature
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicConv2d", "DynasError", "LinearAnneal", "__version__", "dynamic_layers", "set_temperature"]
+_LAZY = {
+    "Budget": "dynas.budget",
+    "closed_form_macs": "dynas.counting",
+    "closed_form_params": "dynas.counting",
+    "count_macs": "dynas.counting",
+    "measure_latency": "dynas.latency",
+    "load_data": "dynas.data",
+    "TrainConfig": "dynas.training",
+    "train_candidate": "dynas.training",
+    "evaluate": "dynas.training",
+    "load_model": "dynas.export",
+    "save_model": "dynas.export",
+}
+
+__all__ = [
+    "ArchSpec",
+    "BlockSpec",
+    "DynamicConv2d",
+    "DynasError",
+    "LinearAnneal",
+    "StageSpec",
+    "__version__",
+    "build_model",
+    "dynamic_layers",
+    "get_preset",
+    "list_presets",
+    "make_divisible",
+    "set_temperature",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dynas' has no attribute {name!r}")

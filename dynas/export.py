@@ -264,7 +264,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> float:
 def _latency(model: nn.Module, arch: ArchSpec) -> float:
     from dynas.latency import measure_latency
 
-    return measure_latency(model, arch.input_size, device="cpu", batch_size=1)
+    return measure_latency(model, (arch.in_channels, arch.input_size, arch.input_size), device="cpu", batch_size=1)
 
 
 def _card(

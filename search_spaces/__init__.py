@@ -63,4 +63,4 @@ def get_space(name: str, **kwargs: Any) -> SearchSpace:
 
 
 # The built-in spaces register themselves on import; this must follow register_space's definition.
-from search_spaces import mobile  # noqa: E402,F401
+from search_spaces import k_tau, mobile  # noqa: E402,F401

@@ -169,8 +169,17 @@ class SearchSpace(abc.ABC):
         """Ask an Optuna trial (define-by-run) for the active choices only, in order."""
         return self.make_candidate(self._walk(lambda c, _: trial.suggest_categorical(c.label, list(c.values))))
 
-    def sample(self, seed: int | None = None) -> Candidate:
-        """A candidate drawn uniformly over the active choices, reproducible with ``seed``."""
+    def sample(self, seed: int | None = None, budget: Any = None, max_attempts: int = 1000) -> Candidate:
+        """A candidate drawn uniformly over the active choices, reproducible with ``seed``.
+
+        With a :class:`~dynas.budget.Budget`, only feasible candidates are returned (rejection
+        sampling on the closed-form cost, at most ``max_attempts`` draws, then a clear error; an
+        infeasible budget is an error before any draw).
+        """
+        if budget is not None:
+            from dynas.budget import sample_within_budget
+
+            return sample_within_budget(self, budget, seed=seed, max_attempts=max_attempts)
         rng = random.Random(seed)
         return self.make_candidate(self._walk(lambda c, _: rng.choice(c.values)))
 

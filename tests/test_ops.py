@@ -217,3 +217,74 @@ def test_temperature_setter_validates():
 def test_wrong_input_channels():
     with pytest.raises(ValueError, match=r"expects input of shape \(B, 8, H, W\), but got \(1, 4, 5, 5\)"):
         DynamicConv2d(8, 8, 1)(torch.randn(1, 4, 5, 5))
+
+
+# --- every execution path (pointwise aggregated / pointwise mixed / batch-1 conv / grouped conv,
+# contiguous or channels_last) computes the same function and gradients as the definition.
+
+PATH_CONFIGS = CONFIGS + [
+    pytest.param(8, 16, 1, 1, 0, 1, 1, True, id="1x1-bias"),
+    pytest.param(8, 16, 1, 1, "same", 1, 1, True, id="1x1-same"),
+]
+
+
+def _reference(dyn: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The definition: aggregate each sample's kernel, convolve that sample alone."""
+    pi = dyn.attention(x, dyn.temperature)  # (B, K)
+    weight = torch.einsum("bk,koihw->boihw", pi, dyn.weight)  # (B, Cout, Cin/g, kh, kw)
+    bias = pi @ dyn.bias if dyn.bias is not None else None  # (B, Cout)
+    outs = [
+        F.conv2d(x[i : i + 1], weight[i], bias[i] if bias is not None else None,
+                 dyn.stride, dyn.padding, dyn.dilation, dyn.groups)
+        for i in range(x.shape[0])
+    ]
+    return torch.cat(outs)
+
+
+def _grads(fn, dyn: DynamicConv2d, x: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    dyn.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    out.backward(grad_out)
+    return [out.detach(), x.grad] + [p.grad for p in dyn.parameters()]
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,d,g,bias", PATH_CONFIGS)
+@pytest.mark.parametrize("batch,size", [(1, 7), (3, 7), (3, 3)], ids=["b1", "b3", "b3-narrow"])
+@pytest.mark.parametrize("mix_max_pixels", [0, 10**9], ids=["aggregate", "mix"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_every_path_matches_definition_with_gradients(
+    cin, cout, k, s, p, d, g, bias, batch, size, mix_max_pixels, channels_last
+):
+    dyn = _make(cin, cout, k, s, p, d, g, bias, num_kernels=3, temperature=0.7)
+    dyn.mix_max_pixels = mix_max_pixels
+    x = _inputs(batch, cin, size + 4, size)  # non-square, so H/W mix-ups show
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(_reference(dyn, x))
+    got = _grads(dyn, dyn, x, grad_out)
+    expected = _grads(lambda y: _reference(dyn, y), dyn, x, grad_out)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("k,g", [(1, 1), (3, 1), (3, 8)], ids=["pointwise", "3x3", "depthwise"])
+@pytest.mark.parametrize("batch,size", [(1, 6), (4, 6), (4, 2)], ids=["b1", "b4", "b4-small-map"])
+def test_output_keeps_input_memory_format(k, g, batch, size):
+    dyn = DynamicConv2d(8, 8, k, padding=k // 2, groups=g, num_kernels=4)
+    x = torch.randn(batch, 8, size, size)
+    assert dyn(x).is_contiguous()
+    out_cl = dyn(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, dyn(x))
+
+
+def test_small_maps_take_the_mixed_path_by_default():
+    # The crossover was measured for K=4 (benchmarks/bench_ops.py); guard the default.
+    dyn = DynamicConv2d(8, 16, 1, num_kernels=4)
+    assert dyn.mix_max_pixels == 4
+    x = _inputs(3, 8, 2, 2).float()
+    mixed = dyn(x)
+    dyn.mix_max_pixels = 0
+    torch.testing.assert_close(mixed, dyn(x))

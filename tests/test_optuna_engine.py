@@ -102,6 +102,14 @@ def test_duplicate_architecture_is_not_retrained(tmp_path, data, space, median_m
     assert len(built) == 1
 
 
+def test_latency_budget_rejects_before_training(tmp_path, data, space):
+    config = TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=32, quiet=True, num_threads=1)
+    evaluator = CandidateEvaluator(Budget(max_macs=10**12, max_latency_ms=1e-6), data, config, ResultsTable(tmp_path))
+    record = evaluator.evaluate(space.sample(seed=0), 0, "optuna")
+    assert record.state == "rejected" and record.latency_ms > 0
+    assert record.reason.startswith("latency") and record.train_seconds == 0 and record.epochs == 0
+
+
 def test_refuses_to_mix_budgets_in_one_study(tmp_path, data, space, median_macs):
     _run(_evaluator(tmp_path, data, median_macs), space, tmp_path, 1, pruner="none")
     with pytest.raises(DynasError, match=r"was created with budget .* refusing to mix"):

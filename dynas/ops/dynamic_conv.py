@@ -6,8 +6,30 @@ A layer holds K kernels ``W_k`` (and biases ``b_k``) and mixes them per input sa
     W(x)  = sum_k pi_k(x) W_k,   b(x) = sum_k pi_k(x) b_k
 
 Each sample is convolved with its own aggregated kernel. The aggregation is one matmul
-(fvcore counts matmul; it cannot see an elementwise mul + sum) and the convolution of the whole
-batch is one grouped convolution with ``groups = B * groups`` -- never K separate convolutions.
+(fvcore counts matmul; it cannot see an elementwise mul + sum).
+
+How the per-sample convolution runs (all paths compute the same function; each was kept because
+it measured fastest for its shapes, see ``benchmarks/bench_ops.py``):
+
+* traced (``torch.jit.trace``, ONNX export, fvcore): aggregate, then im2col + one matmul (a
+  reshape + matmul for 1x1 stride 1) -- no shape depends on the batch size;
+* 1x1, stride 1, unpadded, ungrouped (most of a MobileNet's MACs), on a map of more than
+  :attr:`DynamicConv2d.mix_max_pixels` pixels: aggregate, then one batched matmul over pixels,
+  which reads either memory format in place (no oneDNN reorder of input, kernel or output);
+* the same conv on a small map (the last stages of a net on 32x32 inputs): one matmul with all
+  K kernels shared by the batch, then the K outputs mixed by pi -- K times the conv MACs, but no
+  (Cout, Cin) kernel per sample written and read back, which costs more when pixels are few;
+* any other conv at batch 1: aggregate, then a plain ``conv2d`` with ``groups=groups``;
+* any other conv at batch B > 1: aggregate, then one grouped conv with ``groups = B * groups``
+  on the batch folded into channels (never K separate convolutions). Folding needs a
+  contiguous tensor, so a channels_last input is copied in and the output copied back.
+
+Memory format: the output has the input's format on every path. The fastest layout is
+channels_last for static and dynamic networks alike (oneDNN convolutions run without reorders,
+and the pointwise matmuls read it in place); a depthwise or k x k *dynamic* conv at batch > 1 is
+the exception, it pays two copies in channels_last. ``model.to(memory_format=torch.channels_last)``
+refuses 5-D parameters such as :attr:`DynamicConv2d.weight` ``(K, Cout, Cin/g, kh, kw)``:
+convert the input (convs follow it) and, if wanted, only the 4-D parameters.
 """
 
 from __future__ import annotations
@@ -68,6 +90,11 @@ class KernelAttention(nn.Module):
         return torch.sigmoid(logits)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Channels_last and not also contiguous (1x1 maps and single channels are both)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class DynamicConv2d(nn.Module):
     """A drop-in for :class:`torch.nn.Conv2d` with K kernels mixed per sample by attention.
 
@@ -87,6 +114,10 @@ class DynamicConv2d(nn.Module):
     The attention weights of the most recent forward are kept, detached, in
     :attr:`last_attention` (``(B, K)``) for logging.
     """
+
+    #: A pointwise conv on a map of at most this many pixels runs all K kernels and mixes
+    #: their outputs instead of aggregating a kernel per sample (see ``_pointwise_mixed``).
+    mix_max_pixels: int = 4
 
     def __init__(
         self,
@@ -204,18 +235,86 @@ class DynamicConv2d(nn.Module):
             )
         pi = self.attention(x, self.temperature)  # (B, K)
         self.last_attention = pi.detach()
-        weight, bias = self.aggregate(pi)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             # A traced graph must not bake the batch size into `groups` (ONNX's Conv has a
             # static group count), so tracing uses the batch-agnostic matmul formulation.
-            return self._conv_matmul(x, weight, bias)
+            return self._conv_matmul(x, *self.aggregate(pi))
+        if self._pointwise:
+            if x.shape[2] * x.shape[3] <= self.mix_max_pixels:
+                return self._pointwise_mixed(x, pi)
+            return self._pointwise_aggregated(x, *self.aggregate(pi))
+        weight, bias = self.aggregate(pi)
+        if x.shape[0] == 1:
+            # One sample: its kernel is a plain conv weight, no batch folded into channels.
+            b0 = bias[0] if bias is not None else None
+            # (1, Cout, H', W'), in the input's memory format
+            return F.conv2d(x, weight[0], b0, self.stride, self.padding, self.dilation, self.groups)
         return self._conv_grouped(x, weight, bias)
+
+    @property
+    def _pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded, ungrouped conv: a plain matmul over pixels."""
+        unpadded = self.padding in ("same", "valid", (0, 0))
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and unpadded
+
+    def _pointwise_aggregated(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-sample 1x1 conv as one batched matmul with the aggregated kernels.
+
+        Works on either memory format without copies and returns the input's format.
+        """
+        b, cin, h, w = x.shape
+        cout = self.out_channels
+        w_mat = weight.view(b, cout, cin)  # (B, Cout, Cin)
+        if _channels_last(x):
+            cols = x.permute(0, 2, 3, 1).reshape(b, h * w, cin)  # (B, L, Cin), a view
+            w_t = w_mat.transpose(1, 2)  # (B, Cin, Cout)
+            if bias is None:
+                out = torch.bmm(cols, w_t)
+            else:
+                out = torch.baddbmm(bias.unsqueeze(1), cols, w_t)  # (B, L, Cout)
+            return out.view(b, h, w, cout).permute(0, 3, 1, 2)  # (B, Cout, H, W) channels_last
+        cols = x.reshape(b, cin, h * w)  # (B, Cin, L), a view of a contiguous input
+        if bias is None:
+            out = torch.bmm(w_mat, cols)
+        else:
+            out = torch.baddbmm(bias.unsqueeze(2), w_mat, cols)  # (B, Cout, L)
+        return out.view(b, cout, h, w)
+
+    def _pointwise_mixed(self, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        """Per-sample 1x1 conv as all K convs in one matmul, then their outputs mixed by pi.
+
+        Equal to conv with the aggregated kernel (linearity), and cheaper when a feature map
+        has few pixels: K*Cout*Cin MACs per pixel instead of writing and reading a
+        (Cout, Cin) kernel per sample, with the K kernels shared by the whole batch.
+        """
+        b, cin, h, w = x.shape
+        k, cout = self.num_kernels, self.out_channels
+        w_all = self.weight.view(k * cout, cin)  # (K*Cout, Cin)
+        if _channels_last(x):
+            cols = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)  # (B*L, Cin), a view
+            y = torch.mm(cols, w_all.t()).view(b, h * w, k, cout)  # (B, L, K, Cout)
+            out = torch.matmul(pi.view(b, 1, 1, k), y)  # (B, L, 1, Cout)
+            out = out.view(b, h, w, cout).permute(0, 3, 1, 2)  # (B, Cout, H, W) channels_last
+        else:
+            y = torch.matmul(w_all, x.reshape(b, cin, h * w))  # (B, K*Cout, L)
+            out = torch.bmm(pi.unsqueeze(1), y.view(b, k, cout * h * w))  # (B, 1, Cout*L)
+            out = out.view(b, cout, h, w)
+        if self.bias is not None:
+            out = out + torch.matmul(pi, self.bias).view(b, cout, 1, 1)  # (B, Cout) mixed bias
+        return out
 
     def _conv_grouped(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """One grouped conv over the batch: sample i only sees its own kernel."""
+        """One grouped conv over the batch: sample i only sees its own kernel.
+
+        Folding the batch into channels needs a contiguous input (a view then); a
+        channels_last input is copied in, and the output copied back to channels_last.
+        """
         b = x.shape[0]
+        channels_last = _channels_last(x)
         out = F.conv2d(
             x.reshape(1, b * self.in_channels, *x.shape[2:]),  # (1, B*Cin, H, W)
             weight.reshape(b * self.out_channels, *weight.shape[2:]),  # (B*Cout, Cin/g, kh, kw)
@@ -225,7 +324,8 @@ class DynamicConv2d(nn.Module):
             self.dilation,
             b * self.groups,
         )
-        return out.reshape(b, self.out_channels, *out.shape[2:])  # (B, Cout, H', W')
+        out = out.reshape(b, self.out_channels, *out.shape[2:])  # (B, Cout, H', W')
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
     def _conv_matmul(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

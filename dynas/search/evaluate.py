@@ -23,6 +23,7 @@ from dynas.budget import Budget
 from dynas.builder import build_model
 from dynas.counting import closed_form_macs, closed_form_params
 from dynas.data import DataBundle
+from dynas.latency import measure_latency
 from dynas.search.results import ResultsTable, TrialRecord
 from dynas.spec import ArchSpec
 from dynas.training import NonFiniteLossError, TrainConfig, train_candidate
@@ -128,6 +129,9 @@ class CandidateEvaluator:
             row.state, row.reason = "duplicate", f"same as trial {earlier['trial']}"
             for key in ("val_top1", "best_val_top1", "epochs", "checkpoint", "val_top1_history"):
                 setattr(row, key, earlier[key])
+        elif violations := self._latency_violations(arch, row):
+            self.counters.rejected += 1
+            row.state, row.reason = "rejected", "; ".join(violations)
         else:
             if resume_key is None:  # an engine that does not re-queue (NNI) proposing it again
                 resume_key = self.results.find_interrupted(row.arch_json, row.tau_start, row.anneal_fraction)
@@ -142,6 +146,14 @@ class CandidateEvaluator:
             _unlink(running)
         self._append(row)
         return row
+
+    def _latency_violations(self, arch: ArchSpec, row: TrialRecord) -> list[str]:
+        """Measure batch-1 CPU latency (only when the budget limits it) before any training."""
+        if self.budget.max_latency_ms is None:
+            return []
+        shape = (arch.in_channels, arch.input_size, arch.input_size)
+        row.latency_ms = measure_latency(build_model(arch), shape, device="cpu", batch_size=1)
+        return self.budget.check_latency(row.latency_ms)
 
     def _append(self, row: TrialRecord) -> None:
         self.results.append(row)

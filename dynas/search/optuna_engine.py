@@ -120,6 +120,8 @@ def _run_trial(
         candidate, trial.number, "optuna", None if multi else prune, resume_key=retry_of
     )
     trial.set_user_attr("state", record.state)
+    if budget.max_latency_ms is not None and not math.isnan(record.latency_ms):
+        trial.set_constraint("latency_ms", float(record.latency_ms - budget.max_latency_ms))
     if record.state == "pruned":
         return TrialState.PRUNED, None
     if record.state == "failed":

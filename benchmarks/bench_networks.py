@@ -1,0 +1,165 @@
+"""Whole-network cost of dynamic convolution: DY network time / static network time.
+
+For each pair (DY-MobileNetV2 x1.0 and x0.5, DY-MobileNetV3-Small vs the same static network):
+
+* inference: batch 1, 224x224, eval mode, ``torch.inference_mode``;
+* training step: batch 32, 32x32, train mode, forward + cross-entropy + backward + SGD step.
+
+Static and dynamic networks each run contiguous and channels_last, interleaved; every ratio is
+against the static network in its faster layout (see ``_timing.compare``). Not in CI::
+
+    python benchmarks/bench_networks.py --threads 2 --out networks.json
+
+On a CPU shared with other processes, ``--clock cpu`` (with ``OMP_WAIT_POLICY=PASSIVE`` in the
+environment, so idle OpenMP threads sleep instead of spinning) measures the CPU time the process
+used, which a burst of load from elsewhere barely changes; ``--clock wall`` (the default) is latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _timing import CLOCKS, Timing, compare, environment, set_threads
+from dynas.builder import build_model
+from dynas.presets import cifar_variant, get_preset
+
+#: (label, static preset, dynamic preset)
+PAIRS = (
+    ("MobileNetV2 x1.0", "mobilenetv2_100", "dy_mobilenetv2_100"),
+    ("MobileNetV2 x0.5", "mobilenetv2_050", "dy_mobilenetv2_050"),
+    ("MobileNetV3-Small", "mobilenetv3_small", "dy_mobilenetv3_small"),
+)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model.to(memory_format=torch.channels_last)`` for models holding 5-D parameters.
+
+    ``Module.to`` refuses channels_last for any 5-D tensor, and DynamicConv2d's kernels are
+    (K, Cout, Cin/g, kh, kw). Only the 4-D conv weights need it: convolutions follow the input's
+    memory format, and a dynamic kernel of a 1x1 or depthwise conv is the same in both layouts.
+    """
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def _build(preset: str, input_size: int, cifar: bool) -> nn.Module:
+    arch = get_preset(preset)
+    if cifar:
+        arch = cifar_variant(arch, num_classes=10, input_size=input_size)
+    torch.manual_seed(0)
+    return build_model(arch)
+
+
+def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    model.eval()
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return run
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        opt.step()
+
+    return run
+
+
+def bench_pair(static: str, dynamic: str, mode: str, args: argparse.Namespace) -> dict[str, Timing]:
+    """Time static and dynamic networks, each contiguous and channels_last, side by side."""
+    train = mode == "train"
+    batch, size = (args.train_batch, args.train_size) if train else (1, args.infer_size)
+    cifar = train and args.cifar_variant
+    x = torch.randn(batch, 3, size, size)
+    target = torch.randint(0, 10 if cifar else 1000, (batch,))
+    fns: dict[str, Callable[[], object]] = {}
+    for name, preset in (("static", static), ("dynamic", dynamic)):
+        for layout, fmt in (("", torch.contiguous_format), ("_cl", torch.channels_last)):
+            model = _build(preset, size, cifar)
+            if fmt is torch.channels_last:
+                to_channels_last(model)
+            xin = x.contiguous(memory_format=fmt)
+            fns[name + layout] = _train_step(model, xin, target) if train else _inference(model, xin)
+    return compare(fns, ["static", "static_cl"], rounds=args.rounds, warmup=args.warmup, clock=args.clock)
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    head = (
+        "| network | mode | static ms | static_cl ms | dynamic ms | dynamic_cl ms "
+        "| dynamic / static (best) | dynamic_cl / static (best) |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        t = r["timings"]
+        lines.append(
+            f"| {r['network']} | {r['mode']} | {t['static']['median_ms']:.2f} | "
+            f"{t['static_cl']['median_ms']:.2f} | {t['dynamic']['median_ms']:.2f} | "
+            f"{t['dynamic_cl']['median_ms']:.2f} | {t['dynamic']['ratio']:.3f} | "
+            f"{t['dynamic_cl']['ratio']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--threads", type=int, default=2, help="intra-op threads, fixed (default 2)")
+    run.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
+    run.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    run.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time or process CPU time")
+    what = p.add_argument_group("what")
+    what.add_argument("--networks", nargs="+", default=[label for label, _, _ in PAIRS],
+                      choices=[label for label, _, _ in PAIRS], metavar="NAME", help="pairs to run")
+    what.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    what.add_argument("--infer-size", type=int, default=224, help="inference resolution (batch 1)")
+    what.add_argument("--train-size", type=int, default=32, help="training resolution")
+    what.add_argument("--train-batch", type=int, default=32, help="training batch size")
+    what.add_argument("--cifar-variant", action="store_true",
+                      help="train the CIFAR variant (stem stride 1, 10 classes) instead of the preset")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    threads = set_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {threads}, clock {args.clock}", flush=True)
+    rows = []
+    for label, static, dynamic in PAIRS:
+        if label not in args.networks:
+            continue
+        for mode in args.modes:
+            timings = bench_pair(static, dynamic, mode, args)
+            rows.append({"network": label, "mode": mode,
+                         "timings": {n: vars(t) for n, t in timings.items()}})
+            print(f"{label} {mode}: " + ", ".join(f"{n} {t.median_ms:.2f} ms x{t.ratio:.3f}"
+                                                  for n, t in timings.items()), flush=True)
+    print()
+    print(_table(rows))
+    if args.out is not None:
+        result = {"benchmark": "networks", "environment": environment(), "args": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

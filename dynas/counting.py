@@ -1,0 +1,415 @@
+"""Exact multiply-add (MAC) and parameter counting: fvcore as ground truth, a closed form for speed.
+
+One multiply-add is one MAC (fvcore calls it one "flop"). Counts are per image: a model is
+traced at batch 1 (a traced :class:`~dynas.ops.DynamicConv2d` costs exactly B times as much at
+batch B, so nothing is hidden by counting one sample).
+
+The convention -- the one MobileNet papers use, under which torchvision's MobileNetV2 x1.0 at
+224x224 costs 300.8M MACs (the paper's "300M"), and DY-MobileNetV2 x1.0 costs 313.3M (the
+paper's 312.9M):
+
+Counted
+    * convolutions (dense, grouped, depthwise): ``Cout * Cin/g * kh * kw * H' * W'``; a
+      dynamic convolution costs the same per sample, with the sample's own kernel;
+    * linear layers (classifier, MobileNetV3 head FC, squeeze-excite FCs, the attention FCs of
+      dynamic convolution): ``in * out``;
+    * kernel aggregation of a dynamic convolution: ``K * |W|`` per sample, plus ``K * Cout``
+      for its bias when it has one;
+    * global average pooling (classifier GAP, squeeze-excite GAP, the attention GAP):
+      one add per input element, ``C * H * W``. The DY-CNN paper counts the attention GAP in
+      its overhead (``HW * Cin``), and the DY-MobileNetV2 MACs only match the paper with it.
+
+Not counted (:data:`IGNORED_OPS`, each with its reason)
+    * BatchNorm: folded into the preceding convolution at inference;
+    * elementwise ops: activations, softmax / sigmoid of the attention, division by the
+      temperature, residual adds, the squeeze-excite multiply, bias adds of convolutions;
+    * data movement: padding, im2col, reshapes, dropout at inference.
+
+Any other op that fvcore cannot count raises :class:`UnsupportedOpError` (or warns, on request)
+-- an op is never silently counted as zero.
+
+Parameters are all ``nn.Parameter`` elements (BatchNorm's affine weight and bias included,
+running statistics excluded), as torchvision's "3.5M" for MobileNetV2 counts them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import (
+    Handle,
+    addmm_flop_jit,
+    bmm_flop_jit,
+    conv_flop_count,
+    conv_flop_jit,
+    einsum_flop_jit,
+    elementwise_flop_counter,
+    linear_flop_jit,
+    matmul_flop_jit,
+)
+from torch import nn
+
+from dynas.builder import build_model
+from dynas.errors import DynasError
+from dynas.spec import ArchSpec, BlockSpec, make_divisible
+
+__all__ = [
+    "COUNTED_OPS",
+    "IGNORED_OPS",
+    "MacReport",
+    "UnsupportedOpError",
+    "closed_form_macs",
+    "closed_form_params",
+    "count_macs",
+    "format_count",
+    "input_shape",
+    "mac_analysis",
+]
+
+_ELEMENTWISE = "elementwise: papers do not count it"
+_MOVEMENT = "data movement, no arithmetic"
+
+#: Ops deliberately counted as zero MACs, with the reason. Anything else fvcore cannot count is
+#: reported by :func:`count_macs`.
+IGNORED_OPS: Mapping[str, str] = MappingProxyType(
+    {
+        "aten::batch_norm": "folded into the preceding convolution at inference",
+        # Residual add, squeeze-excite multiply, bias add, division by the temperature, and the
+        # scalar shape arithmetic a trace records (e.g. H' = (H - k) // s + 1).
+        "aten::add": _ELEMENTWISE,
+        "aten::add_": _ELEMENTWISE,
+        "aten::sub": _ELEMENTWISE,
+        "aten::mul": _ELEMENTWISE,
+        "aten::mul_": _ELEMENTWISE,
+        "aten::div": _ELEMENTWISE,
+        "aten::div_": _ELEMENTWISE,
+        "aten::relu": _ELEMENTWISE,
+        "aten::relu_": _ELEMENTWISE,
+        "aten::hardtanh": _ELEMENTWISE,
+        "aten::hardtanh_": _ELEMENTWISE,
+        "aten::hardswish": _ELEMENTWISE,
+        "aten::hardswish_": _ELEMENTWISE,
+        "aten::hardsigmoid": _ELEMENTWISE,
+        "aten::hardsigmoid_": _ELEMENTWISE,
+        "aten::sigmoid": _ELEMENTWISE,
+        "aten::sigmoid_": _ELEMENTWISE,
+        "aten::silu": _ELEMENTWISE,
+        "aten::silu_": _ELEMENTWISE,
+        "aten::softmax": _ELEMENTWISE,
+        "aten::pad": _MOVEMENT,
+        "aten::constant_pad_nd": _MOVEMENT,
+        # F.unfold; the matmul that consumes its columns carries the convolution's MACs.
+        "aten::im2col": _MOVEMENT,
+        "aten::dropout": _MOVEMENT,
+        "aten::feature_dropout": _MOVEMENT,
+        "aten::flatten": _MOVEMENT,
+    }
+)
+
+
+class UnsupportedOpError(DynasError):
+    """A traced model holds an op that is neither counted nor deliberately ignored."""
+
+
+def _reduction_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """One add per input element: the cost of a global average pool written as ``x.mean()``."""
+    return int(torch.Size(inputs[0].type().sizes()).numel())
+
+
+def _conv_mode_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``nn.Conv2d(padding="same" | "valid")`` traces to ``aten::_convolution_mode``."""
+    shapes = [value.type().sizes() for value in (inputs[0], inputs[1], outputs[0])]
+    return int(conv_flop_count(*shapes))
+
+
+#: Ops counted, with their fvcore handle. fvcore's defaults for normalization, upsampling and
+#: grid sampling are left out on purpose: BatchNorm is folded (see :data:`IGNORED_OPS`), and
+#: the others are not part of dynas' models, so they are reported rather than guessed.
+COUNTED_OPS: Mapping[str, Handle] = MappingProxyType(
+    {
+        "aten::_convolution": conv_flop_jit,
+        "aten::_convolution_mode": _conv_mode_macs,
+        "aten::linear": linear_flop_jit,
+        "aten::addmm": addmm_flop_jit,
+        "aten::matmul": matmul_flop_jit,
+        "aten::mm": matmul_flop_jit,
+        "aten::bmm": bmm_flop_jit,
+        "aten::einsum": einsum_flop_jit,
+        "aten::adaptive_avg_pool2d": elementwise_flop_counter(1, 0),
+        "aten::mean": _reduction_macs,
+    }
+)
+
+
+def mac_analysis(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> FlopCountAnalysis:
+    """Return an fvcore analysis of ``model`` on ``inputs`` with dynas' MAC convention set up.
+
+    The caller chooses the batch; :func:`count_macs` uses batch 1. fvcore's own warnings are
+    silenced because :func:`count_macs` reports unsupported ops itself.
+
+    Args:
+        model: the model to trace (put it in eval mode first: tracing runs a forward).
+        inputs: the input tensor, or a tuple of the forward's positional inputs.
+
+    Returns:
+        The configured (not yet run) :class:`fvcore.nn.FlopCountAnalysis`.
+    """
+    analysis = FlopCountAnalysis(model, inputs).clear_op_handles()
+    analysis.set_op_handle(**COUNTED_OPS)
+    analysis.set_op_handle(**{op: None for op in IGNORED_OPS})
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    return analysis
+
+
+@dataclass(frozen=True)
+class MacReport:
+    """MACs and parameters of a model at batch 1.
+
+    Attributes:
+        total_macs: multiply-adds of one forward pass of one image.
+        params: number of parameter elements.
+        by_module: one row per submodule, in definition order, with columns ``module``
+            (dotted name), ``depth`` (number of dots + 1), ``macs`` and ``params``.
+        by_operator: MACs per counted op kind (``conv``, ``matmul``, ``linear``, ...).
+        unsupported_ops: ops fvcore could not count and that are not in :data:`IGNORED_OPS`
+            (non-empty only when :func:`count_macs` was asked to warn instead of raise).
+    """
+
+    total_macs: int
+    params: int
+    by_module: pd.DataFrame
+    by_operator: Mapping[str, int]
+    unsupported_ops: Mapping[str, int]
+
+    def at_depth(self, depth: int) -> pd.DataFrame:
+        """Rows of :attr:`by_module` at one nesting depth (1 = children of the model)."""
+        return self.by_module[self.by_module["depth"] == depth].reset_index(drop=True)
+
+
+def _module_table(model: nn.Module, macs_by_module: Mapping[str, int]) -> pd.DataFrame:
+    rows = [
+        {
+            "module": name,
+            "depth": name.count(".") + 1,
+            "macs": int(macs_by_module.get(name, 0)),
+            "params": sum(p.numel() for p in module.parameters()),
+        }
+        for name, module in model.named_modules()
+        if name
+    ]
+    return pd.DataFrame(rows, columns=["module", "depth", "macs", "params"])
+
+
+def _report_unsupported(ops: Mapping[str, int], on_unsupported: str) -> None:
+    if not ops:
+        return
+    listed = ", ".join(f"{op} (x{n})" for op, n in sorted(ops.items()))
+    message = (
+        f"fvcore cannot count these ops, and they are not in dynas.counting.IGNORED_OPS: {listed}. "
+        "Register a handle for them with mac_analysis(...).set_op_handle(), or add them to "
+        "IGNORED_OPS with the reason they cost no MACs."
+    )
+    if on_unsupported == "raise":
+        raise UnsupportedOpError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def input_shape(input_size: int | tuple[int, ...], in_channels: int = 3) -> tuple[int, int, int]:
+    """Return ``(channels, height, width)`` from a square size, an ``(H, W)`` or a ``(C, H, W)``.
+
+    Args:
+        input_size: ``32``, ``(32, 48)`` or ``(3, 32, 48)``.
+        in_channels: channels when ``input_size`` does not give them.
+
+    Raises:
+        ValueError: ``input_size`` is none of those forms of positive ints.
+    """
+    sizes = (input_size,) * 2 if isinstance(input_size, int) else input_size
+    if not (
+        isinstance(sizes, tuple)
+        and len(sizes) in (2, 3)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
+    ):
+        raise ValueError(
+            "`input_size` must be a positive int (square), (height, width) or "
+            f"(channels, height, width) of positive ints, but got {input_size=!r}."
+        )
+    return (in_channels, *sizes) if len(sizes) == 2 else sizes
+
+
+def _resolve_input(
+    model_or_spec: nn.Module | ArchSpec, input_size: int | tuple[int, ...] | None
+) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Build the model if given a spec, and return it with the (C, H, W) it is counted at."""
+    if isinstance(model_or_spec, nn.Module):
+        if input_size is None:
+            raise TypeError("`input_size` is required when counting an nn.Module, but got input_size=None.")
+        return model_or_spec, input_shape(input_size)
+    arch = model_or_spec
+    size = arch.input_size if input_size is None else input_size
+    return build_model(arch), input_shape(size, arch.in_channels)
+
+
+def count_macs(
+    model_or_spec: nn.Module | ArchSpec,
+    input_size: int | tuple[int, ...] | None = None,
+    *,
+    on_unsupported: Literal["raise", "warn"] = "raise",
+) -> MacReport:
+    """Count MACs (with fvcore, at batch 1) and parameters of a model or an architecture spec.
+
+    Args:
+        model_or_spec: an ``nn.Module``, or an :class:`~dynas.spec.ArchSpec` (built with
+            :func:`~dynas.builder.build_model`).
+        input_size: an int (square), ``(height, width)`` or ``(channels, height, width)``;
+            required for a module (3 channels unless given); for a spec it overrides
+            ``arch.input_size`` (channels: ``arch.in_channels`` unless given).
+        on_unsupported: ``"raise"`` an :class:`UnsupportedOpError`, or ``"warn"`` and report
+            the ops in :attr:`MacReport.unsupported_ops`, when the model holds an op that is
+            neither counted nor in :data:`IGNORED_OPS`.
+
+    Returns:
+        A :class:`MacReport`.
+
+    Raises:
+        UnsupportedOpError: an op cannot be counted and ``on_unsupported == "raise"``.
+        TypeError: no ``input_size`` for a module.
+        ValueError: ``input_size`` is malformed.
+    """
+    if on_unsupported not in ("raise", "warn"):
+        raise ValueError(f"`on_unsupported` must be 'raise' or 'warn', but got {on_unsupported=!r}.")
+    model, (channels, height, width) = _resolve_input(model_or_spec, input_size)
+    was_training, threads = model.training, torch.get_num_threads()
+    model.eval()  # a trace runs a forward: it must not update BatchNorm statistics
+    # Only shapes matter; on small tensors extra threads only add synchronisation (3-4x slower
+    # on a busy machine).
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            dtype = next(model.parameters(), torch.empty(0)).dtype
+            analysis = mac_analysis(model, torch.zeros(1, channels, height, width, dtype=dtype))
+            total = int(analysis.total())
+            unsupported = dict(analysis.unsupported_ops())
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(threads)
+    _report_unsupported(unsupported, on_unsupported)
+    return MacReport(
+        total_macs=total,
+        params=sum(p.numel() for p in model.parameters()),
+        by_module=_module_table(model, analysis.by_module()),
+        by_operator=MappingProxyType({k: int(v) for k, v in analysis.by_operator().items()}),
+        unsupported_ops=MappingProxyType(unsupported),
+    )
+
+
+def format_count(value: float) -> str:
+    """Format a count with a K/M/G suffix and at most one decimal: ``12_345_678 -> '12.3M'``."""
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.1f}".removesuffix(".0") + suffix
+    return f"{value:g}"
+
+
+# ----------------------------------------------------------------------------- closed form
+# The same count from the spec alone, mirroring dynas.builder layer by layer: every conv is
+# "same"-padded (k // 2) and bias-free and is followed by BatchNorm (2 * Cout parameters).
+# tests/test_counting.py holds it equal to count_macs on every preset and on samples of every
+# registered search space.
+
+
+@dataclass
+class _Tally:
+    """Running MACs and parameters, and the current feature map's height and width."""
+
+    height: int
+    width: int
+    macs: int = 0
+    params: int = 0
+
+
+def _conv(
+    tally: _Tally, arch: ArchSpec, cin: int, cout: int, kernel: int, stride: int = 1,
+    groups: int = 1, num_kernels: int = 1,
+) -> None:
+    """Add a ``create_conv2d`` conv + BatchNorm, and move to its output resolution."""
+    in_pixels = tally.height * tally.width
+    tally.height = (tally.height - 1) // stride + 1  # padding k // 2 with an odd k
+    tally.width = (tally.width - 1) // stride + 1
+    weight = cout * (cin // groups) * kernel * kernel
+    tally.macs += weight * tally.height * tally.width
+    tally.params += num_kernels * weight + 2 * cout
+    if num_kernels > 1:
+        hidden = max(cin // arch.attention_reduction, arch.attention_min_hidden)
+        # aggregation, then the attention: GAP of the input, FC1, FC2 (no conv bias to mix)
+        tally.macs += num_kernels * weight + cin * in_pixels + cin * hidden + hidden * num_kernels
+        tally.params += cin * hidden + hidden + hidden * num_kernels + num_kernels
+
+
+def _block(tally: _Tally, arch: ArchSpec, cin: int, block: BlockSpec) -> None:
+    """Add an ``InvertedResidual``: expand, depthwise, squeeze-excite, project."""
+    pw_k = block.num_kernels
+    dw_k = block.num_kernels if block.dynamic_convs == "all" else 1
+    mid = make_divisible(cin * block.expansion, 8) if block.expansion != 1 else cin
+    if block.expansion != 1:
+        _conv(tally, arch, cin, mid, 1, num_kernels=pw_k)
+    _conv(tally, arch, mid, mid, block.kernel_size, block.stride, groups=mid, num_kernels=dw_k)
+    if block.se:
+        squeeze = make_divisible(mid // 4, 8)
+        tally.macs += mid * tally.height * tally.width + 2 * mid * squeeze  # GAP, two 1x1 FCs
+        tally.params += 2 * mid * squeeze + squeeze + mid
+    _conv(tally, arch, mid, block.out_channels, 1, num_kernels=pw_k)
+
+
+def _head(tally: _Tally, arch: ArchSpec, cin: int) -> None:
+    """Add the ``ClassifierHead``: 1x1 conv, GAP, optional hidden Linear, classifier."""
+    _conv(tally, arch, cin, arch.head_channels, 1, num_kernels=arch.head_num_kernels)
+    tally.macs += arch.head_channels * tally.height * tally.width
+    features = arch.head_channels
+    if arch.head_hidden:
+        tally.macs += features * arch.head_hidden
+        tally.params += (features + 1) * arch.head_hidden
+        features = arch.head_hidden
+    tally.macs += features * arch.num_classes
+    tally.params += (features + 1) * arch.num_classes
+
+
+def _tally(arch: ArchSpec, input_size: int | tuple[int, int] | None) -> _Tally:
+    if not isinstance(arch, ArchSpec):
+        raise TypeError(f"`arch` must be an ArchSpec, but got {type(arch).__name__}: {arch!r}.")
+    _, height, width = input_shape(arch.input_size if input_size is None else input_size)
+    tally = _Tally(height, width)
+    _conv(tally, arch, arch.in_channels, arch.stem_channels, 3, arch.stem_stride)
+    channels = arch.stem_channels
+    for stage in arch.stages:
+        for block in stage.blocks:
+            _block(tally, arch, channels, block)
+            channels = block.out_channels
+    _head(tally, arch, channels)
+    return tally
+
+
+def closed_form_macs(arch: ArchSpec, input_size: int | tuple[int, int] | None = None) -> int:
+    """MACs of ``build_model(arch)`` on one image, from the spec alone (no model, no tracing).
+
+    Equal to :func:`count_macs` under the module's convention, and thousands of times faster,
+    so budget filters can check every candidate.
+
+    Args:
+        arch: the architecture.
+        input_size: resolution (int or ``(height, width)``); ``None`` uses ``arch.input_size``.
+    """
+    return _tally(arch, input_size).macs
+
+
+def closed_form_params(arch: ArchSpec) -> int:
+    """Parameters of ``build_model(arch)`` from the spec alone (independent of the resolution)."""
+    return _tally(arch, None).params
