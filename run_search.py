@@ -76,8 +76,15 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`dynas search: error: ...`) with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynas", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dynas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     search = sub.add_parser("search", aliases=["worker"], help="search architectures under a MAC budget (`worker` joins a shared study)")
@@ -98,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-latency-ms", type=_positive_float, default=None, help="CPU latency budget at batch 1 (measured before training)")
     group.add_argument("--timeout", type=_positive_float, default=None, help="seconds")
     group.add_argument("--keep-weights", type=int, default=3, help="keep the weights of the best N trials")
+    group.add_argument("--enqueue", default=None, help="optuna: JSON file of choice dicts to evaluate first (a dict or a list)")
     out = search.add_argument_group("output")
     out.add_argument("--run-dir", default="runs/default", help="where results, study and weights go")
     out.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite file in run dir)")
@@ -161,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops as cleanly as Ctrl-C
     try:
-        args = _parse(argv)
+        try:
+            args = _parse(argv)
+        except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+            return int(exc.code or 0)
         return args.func(args)
     except DynasError as err:
         print(f"dynas: error: {err}", file=sys.stderr)
@@ -249,11 +260,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.max_macs is None:
         raise DynasError("a search needs a MAC budget: give --max-macs (e.g. 5M) or `max_macs` in the config.")
     _check_engine_names(args)  # before loading any data
+    _check_space_name(args.space)
+    enqueued = _read_enqueue(args.enqueue)
     run_dir = _prepare_run_dir(args.run_dir)
     data = _load_data(args)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
     budget = Budget(max_macs=args.max_macs, max_params=args.max_params, max_latency_ms=args.max_latency_ms)
     ensure_feasible(space, budget)  # before any training
+    for params in enqueued:
+        space.decode(params)  # a bad label or value (e.g. K outside the space) fails here
     write_resolved(args, run_dir / "config.yaml")
     results = ResultsTable(run_dir)
     progress = _TrialProgress(args.trials, quiet=args.quiet)
@@ -276,6 +291,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             objective=args.objective,
             seed=args.seed,
             timeout=args.timeout,
+            enqueue=enqueued,
         )
     else:
         from dynas.search.nni_engine import run_nni_search
@@ -310,6 +326,29 @@ def _check_engine_names(args: argparse.Namespace) -> None:
     for kind, name, options in checks:
         if name not in options:
             raise DynasError(f"unknown {kind} {name!r}; choose one of {', '.join(options)}.{did_you_mean(name, options)}")
+
+
+def _check_space_name(name: str) -> None:
+    from dynas.errors import did_you_mean
+    from search_spaces import list_spaces
+
+    if name not in list_spaces():
+        raise DynasError(f"unknown search space {name!r}; registered: {', '.join(list_spaces())}.{did_you_mean(name, list_spaces())}")
+
+
+def _read_enqueue(path: str | None) -> list[dict[str, Any]]:
+    if path is None:
+        return []
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DynasError(f"enqueue file {path!r} does not exist.") from None
+    except json.JSONDecodeError as err:
+        raise DynasError(f"enqueue file {path!r} is not valid JSON: {err}") from None
+    items = data if isinstance(data, list) else [data]
+    if not all(isinstance(item, dict) for item in items):
+        raise DynasError(f"enqueue file {path!r} must hold a JSON object of choices or a list of them.")
+    return items
 
 
 def _prepare_run_dir(path: str) -> Path:

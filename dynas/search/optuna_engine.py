@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dynas.errors import DynasError, did_you_mean
@@ -241,6 +241,7 @@ def run_optuna_search(
     timeout: float | None = None,
     callbacks: Sequence[Any] = (),
     poll_seconds: float = 5.0,
+    enqueue: Sequence[Mapping[str, Any]] = (),
 ) -> optuna.Study:
     """Run (or resume, or join) a study until it holds ``n_trials`` finished trials.
 
@@ -249,7 +250,8 @@ def run_optuna_search(
     ``callbacks`` are called as ``callback(study, frozen_trial)`` after each trial. On
     KeyboardInterrupt (SIGINT; the CLI maps SIGTERM to it) the running trial is recorded as
     ``interrupted``, its parameters are queued again so a rerun continues it, and the interrupt
-    is re-raised. Returns the study; the rows are in ``evaluator.results``.
+    is re-raised. ``enqueue``: choice dicts (validated by ``space.decode``) evaluated first.
+    Returns the study; the rows are in ``evaluator.results``.
     """
     _check_name("objective", objective, list(OBJECTIVES))
     if n_trials < 1:
@@ -266,6 +268,9 @@ def run_optuna_search(
         directions=list(OBJECTIVES[objective]),
     )
     _check_same_search(study, space, evaluator, objective)
+    for params in enqueue:
+        space.decode(params)
+        study.enqueue_trial(dict(params), skip_if_exists=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         with warnings.catch_warnings():
