@@ -84,7 +84,7 @@ def test_three_workers_complete_exactly_n_trials(tmp_path, postgres_url):
         _finish(proc)
     study = _study(postgres_url, name)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert len(finished) == n
+    assert sum(t.user_attrs.get("state") != "rejected" for t in finished) == n  # rejections do not count
     table = _table(run_dir)
     counted = table[table["state"].isin(["complete", "pruned", "rejected", "duplicate"])]
     # one row per finished trial: nothing lost, nothing written twice
@@ -105,12 +105,18 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, postgres_url):
     assert killed, "the worker was killed outside a trial"
     _finish(_worker(run_dir, postgres_url, name, n))
     study = _study(postgres_url, name)
-    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == n
+    assert len(_counted(study)) == n
     trials = {t.number: t for t in study.get_trials()}
     assert trials[killed[0]].state == TrialState.FAIL
     retried = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed[0]]
     assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retried[0].params == trials[killed[0]].params
+
+
+def _counted(study: optuna.Study) -> list:
+    """Finished trials that count towards the requested number (budget rejections do not)."""
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return [t for t in finished if t.user_attrs.get("state") != "rejected"]
 
 
 def _has_running(url: str, name: str) -> bool:
@@ -137,7 +143,7 @@ def test_interrupt_then_rerun_does_not_rerun_finished_trials(tmp_path, postgres_
     _finish(_worker(run_dir, postgres_url, name, n, *slow))  # the same command again
     study = _study(postgres_url, name)
     after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
-    assert len(after) == n
+    assert len(_counted(study)) == n
     assert all(after[k] == v for k, v in before.items())  # finished trials untouched
     rows = _table(run_dir)
     for number in before:  # and not trained again

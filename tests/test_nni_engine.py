@@ -144,9 +144,12 @@ def test_grid_refuses_a_space_too_large_to_walk():
 
 
 def _check_run(frame, evaluator: CandidateEvaluator, n_trials: int, first_trial: int) -> None:
-    """The rows of one run: numbered on from the table, none trained over budget, counters agree."""
-    assert len(frame) == n_trials
-    assert frame["trial"].tolist() == list(range(first_trial, first_trial + n_trials))
+    """The rows of one run: numbered on from the table, none trained over budget, counters agree.
+
+    Rejections cost no training, so ``n_trials`` counts the admitted rows only.
+    """
+    assert (frame["state"] != "rejected").sum() == n_trials
+    assert frame["trial"].tolist() == list(range(first_trial, first_trial + len(frame)))
     assert set(frame["engine"]) == {"nni"}
     over = frame["macs"] > evaluator.budget.max_macs
     assert (frame.loc[over, "state"] == "rejected").all()
@@ -154,7 +157,7 @@ def _check_run(frame, evaluator: CandidateEvaluator, n_trials: int, first_trial:
     assert (frame.loc[~over, "state"] != "rejected").all()
     states = frame["state"].value_counts().to_dict()
     c = evaluator.counters
-    assert c.proposed == n_trials
+    assert c.proposed == len(frame)
     assert c.rejected == states.get("rejected", 0)
     assert c.trained == states.get("complete", 0) + states.get("pruned", 0)
     assert c.duplicates == states.get("duplicate", 0)
@@ -175,15 +178,15 @@ def test_tiny_search_respects_budget_and_reruns_append(data, tmp_path, strategy)
     # proposes the same candidates, whose results are reused instead of retrained.
     again = _evaluator(data, tmp_path, space)
     rerun = run_nni_search(space, again, n_trials=6, strategy=strategy, seed=3)
-    _check_run(rerun, again, 6, first_trial=6)
+    _check_run(rerun, again, 6, first_trial=len(frame))
     assert again.counters.trained == 0
     assert set(rerun["state"]) <= {"rejected", "duplicate"}
     table = again.results.frame()
-    assert len(table) == 12 and table["trial"].is_unique
+    assert len(table) == len(frame) + len(rerun) and table["trial"].is_unique
     earlier = table.set_index("trial")["val_top1"]
     for _, row in rerun[rerun["state"] == "duplicate"].iterrows():
         source = int(row["reason"].removeprefix("same as trial "))
-        assert source < 6 and row["val_top1"] == earlier[source]
+        assert source < len(frame) and row["val_top1"] == earlier[source]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -10,7 +10,7 @@ from dynas.budget import Budget
 from dynas.counting import closed_form_macs
 from dynas.data import load_data
 from dynas.errors import DynasError
-from dynas.search.evaluate import CandidateEvaluator
+from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
 from dynas.search.optuna_engine import make_sampler, make_storage, run_optuna_search
 from dynas.search.results import ResultsTable, pareto_front
 from dynas.training import TrainConfig
@@ -61,7 +61,8 @@ def test_tpe_search_never_trains_over_budget_and_resumes(tmp_path, data, space, 
     evaluator = _evaluator(tmp_path, data, median_macs)
     study = _run(evaluator, space, tmp_path, 8, sampler="tpe", pruner="none")
     table = evaluator.results.frame()
-    assert len(table) == 8 and table["trial"].is_unique
+    # rejections cost no training, so they do not count towards the 8 trials
+    assert (table["state"] != "rejected").sum() == 8 and table["trial"].is_unique
     trained = table[table["state"].isin(["complete", "pruned", "failed"])]
     rejected = table[table["state"] == "rejected"]
     assert (trained["macs"] <= median_macs).all()
@@ -69,18 +70,18 @@ def test_tpe_search_never_trains_over_budget_and_resumes(tmp_path, data, space, 
     assert built and max(built) <= median_macs
     assert len(built) == evaluator.counters.trained + evaluator.counters.failed
     assert evaluator.counters.rejected == len(rejected)
-    assert len(study.trials) == 8
+    assert len(study.trials) == len(table)
     # the sampler was told about violations
     for t in study.trials:
         assert (t.system_attrs["constraints:macs"] > 0) == (t.user_attrs["state"] == "rejected")
 
     # Rerunning the same search resumes: nothing new to do, then two more trials on request.
     again = _evaluator(tmp_path, data, median_macs)
-    assert len(_run(again, space, tmp_path, 8, sampler="tpe", pruner="none").trials) == 8
+    assert len(_run(again, space, tmp_path, 8, sampler="tpe", pruner="none").trials) == len(table)
     assert again.counters.proposed == 0
     _run(again, space, tmp_path, 10, sampler="tpe", pruner="none")
     table = again.results.frame()
-    assert len(table) == 10 and table["trial"].is_unique
+    assert (table["state"] != "rejected").sum() == 10 and table["trial"].is_unique
 
 
 def test_nsga2_multi_objective_pareto(tmp_path, data, space, median_macs, built):
@@ -152,6 +153,8 @@ def test_random_sampler_reproducible(tmp_path, data, space):
         run_dir.mkdir()
         ev = _evaluator(run_dir, data, 1)  # everything rejected: no training, fast
         study = _run(ev, space, run_dir, 3, sampler="random", seed=7, pruner="none")
+        # nothing is feasible: the run gives up after its rejection allowance instead of looping
+        assert len(study.trials) == ev.counters.rejected == MAX_REJECTIONS_PER_TRIAL * 3
         return [t.params for t in study.trials]
 
     assert params(tmp_path / "a") == params(tmp_path / "b")

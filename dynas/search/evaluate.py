@@ -28,7 +28,11 @@ from dynas.search.results import ResultsTable, TrialRecord
 from dynas.spec import ArchSpec
 from dynas.training import NonFiniteLossError, TrainConfig, train_candidate
 
-__all__ = ["CandidateEvaluator", "EpochCallback", "SearchCounters"]
+__all__ = ["MAX_REJECTIONS_PER_TRIAL", "CandidateEvaluator", "EpochCallback", "SearchCounters"]
+
+MAX_REJECTIONS_PER_TRIAL = 50
+"""Rejected (over-budget) proposals cost no training, so they do not count as trials; a run stops
+anyway after this many rejections per requested trial, when the sampler cannot find the budget."""
 
 logger = logging.getLogger(__name__)
 

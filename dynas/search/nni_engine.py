@@ -41,7 +41,7 @@ from typing import Any
 import pandas as pd
 
 from dynas.errors import DynasError, did_you_mean
-from dynas.search.evaluate import CandidateEvaluator
+from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
 from dynas.search.results import TrialRecord
 
 try:
@@ -184,23 +184,24 @@ class _BudgetGate(Filter):
     """NNI ``Filter`` that keeps over-budget samples from becoming trials and ends the run.
 
     A rejected sample still gets a ``rejected`` row from the evaluator (which never trains an
-    over-budget candidate) and the strategy a 0.0 metric. ``budget_available`` turns false once
-    ``n_trials`` samples were proposed, rejected ones included.
+    over-budget candidate) and the strategy a 0.0 metric. Rejections cost no training, so they do
+    not count as trials: ``budget_available`` turns false once ``n_trials`` samples were admitted,
+    or after ``MAX_REJECTIONS_PER_TRIAL * n_trials`` rejections.
     """
 
     def __init__(self, space: Any, evaluator: CandidateEvaluator, n_trials: int) -> None:
-        # patience: the run ends at n_trials proposals anyway; never stop earlier on rejections.
-        super().__init__(self._admit, metric_for_invalid=0.0, patience=n_trials + 1)
+        self.max_rejected = MAX_REJECTIONS_PER_TRIAL * n_trials
+        super().__init__(self._admit, metric_for_invalid=0.0, patience=self.max_rejected + 1)
         self.space = space
         self.evaluator = evaluator
         self.n_trials = n_trials
-        self.proposed = 0
+        self.admitted = 0
         self.rejected_trials: list[int] = []
 
     def _admit(self, model: ExecutableModelSpace) -> bool:
-        self.proposed += 1
         candidate = self.space.decode(model.sample)
         if not self.evaluator.cost(candidate.arch)[2]:
+            self.admitted += 1
             return True
         trial = _next_trial(self.evaluator)
         self.evaluator.evaluate(candidate, trial, ENGINE)  # records the rejection; trains nothing
@@ -208,7 +209,8 @@ class _BudgetGate(Filter):
         return False
 
     def budget_available(self) -> bool:
-        return self.proposed < self.n_trials and super().budget_available()
+        within = self.admitted < self.n_trials and len(self.rejected_trials) < self.max_rejected
+        return within and super().budget_available()
 
 
 @contextlib.contextmanager
@@ -240,7 +242,8 @@ def run_nni_search(
     Args:
         space: a dynas ``SearchSpace`` (``choices()``, ``decode()``, ``name``).
         evaluator: budget check, training and results table shared with the Optuna engine.
-        n_trials: candidates this run proposes, rejected (over-budget) ones included.
+        n_trials: candidates this run evaluates; rejected (over-budget) proposals are recorded
+            but not counted.
         strategy: ``random``, ``evolution`` (regularized evolution), ``tpe`` or ``grid``.
         seed: the strategy's seed.
         execution: ``sequential`` (in this process, no server) or ``local`` (NNI's manager, web
@@ -251,7 +254,8 @@ def run_nni_search(
 
     Returns:
         The rows this run appended to the results table (``evaluator.results.frame()`` has all):
-        ``n_trials`` of them, or fewer when the strategy runs out of new samples (a walked grid).
+        ``n_trials`` evaluated ones plus the rejections, or fewer when the strategy runs out of
+        new samples (a walked grid).
     """
     if n_trials < 1:
         raise DynasError(f"`trials` must be >= 1, but got trials={n_trials}.")

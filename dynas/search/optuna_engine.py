@@ -10,6 +10,7 @@ command resumes it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import random
 import re
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dynas.errors import DynasError, did_you_mean
-from dynas.search.evaluate import CandidateEvaluator
+from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
 
 try:
     import optuna
@@ -29,6 +30,8 @@ try:
     from optuna.trial import TrialState
 except ImportError as err:  # pragma: no cover - optuna is a core dependency
     raise ImportError("The Optuna engine needs optuna: pip install optuna") from err
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["OBJECTIVES", "PRUNERS", "SAMPLERS", "make_pruner", "make_sampler", "make_storage", "run_optuna_search"]
 
@@ -82,10 +85,15 @@ class _Surplus(Exception):
     """This trial was asked after the study already had its trials; it is not run."""
 
 
+def _counted(study: optuna.Study, states: Sequence[TrialState]) -> list[Any]:
+    """Trials in ``states`` that count towards ``n_trials``: all but budget rejections."""
+    return [t for t in study.get_trials(deepcopy=False, states=tuple(states)) if t.user_attrs.get("state") != "rejected"]
+
+
 def _live_before(study: optuna.Study, number: int) -> int:
-    """Trials numbered below ``number`` that are finished or may still finish."""
+    """Counted trials numbered below ``number`` that are finished or may still finish."""
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    return sum(t.number < number for t in study.get_trials(deepcopy=False, states=live))
+    return sum(t.number < number for t in _counted(study, live))
 
 
 def _run_trial(
@@ -243,10 +251,12 @@ def run_optuna_search(
     poll_seconds: float = 5.0,
     enqueue: Sequence[Mapping[str, Any]] = (),
 ) -> optuna.Study:
-    """Run (or resume, or join) a study until it holds ``n_trials`` finished trials.
+    """Run (or resume, or join) a study until it holds ``n_trials`` evaluated trials.
 
     Any number of workers may run this on the same storage at once. Rejected (over-budget)
-    trials count as trials: they cost no training and teach the sampler where the budget lies.
+    proposals are told to the sampler (worst value plus the violated constraint) but do not count
+    as trials: they cost no training. A run gives up after ``MAX_REJECTIONS_PER_TRIAL`` rejections
+    per requested trial.
     ``callbacks`` are called as ``callback(study, frozen_trial)`` after each trial. On
     KeyboardInterrupt (SIGINT; the CLI maps SIGTERM to it) the running trial is recorded as
     ``interrupted``, its parameters are queued again so a rerun continues it, and the interrupt
@@ -276,10 +286,17 @@ def run_optuna_search(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # re-queues trials of dead workers
-        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        finished = _counted(study, (TrialState.COMPLETE, TrialState.PRUNED))
         if len(finished) >= n_trials:
             break
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+        if evaluator.counters.rejected >= MAX_REJECTIONS_PER_TRIAL * n_trials:
+            logger.warning(
+                "stopping: %d proposals in a row of this run broke the budget; the sampler does "
+                "not find the feasible region (try a larger budget or the random sampler).",
+                evaluator.counters.rejected,
+            )
+            break
+        running = _counted(study, (TrialState.RUNNING, TrialState.WAITING))
         if len(finished) + len(running) >= n_trials and not any(t.state == TrialState.WAITING for t in running):
             time.sleep(poll_seconds)  # others are on the last trials; wait in case one dies
             continue
