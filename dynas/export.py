@@ -9,16 +9,19 @@
         model.onnx    ONNX with a dynamic batch axis
         card.md       MACs, params, CPU latency, val/test top-1, tau schedule, search settings
 
-Each folder is written to a temporary name and renamed when complete, so a failed export leaves
-nothing partial behind.
+All folders of one export are written under a hidden staging folder and renamed into place only
+when every one of them is complete, so a failed export leaves nothing partial behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +31,16 @@ import yaml
 from torch import nn
 
 from dynas.builder import build_model
-from dynas.errors import DynasError
+from dynas.errors import DynasError, did_you_mean
 from dynas.spec import ArchSpec
 from dynas.temperature import set_temperature
 
-__all__ = ["ExportedModel", "export_run", "load_model", "save_model", "select_trials"]
+__all__ = ["EXPORT_ATOL", "ExportedModel", "export_run", "load_model", "save_model", "select_trials"]
 
 _SELECT = ("best", "top", "pareto")
+
+EXPORT_ATOL = 1e-4
+"""An export fails unless TorchScript's and onnxruntime's outputs lie this close to PyTorch's."""
 
 
 def save_model(path: str | Path, model: nn.Module, arch: ArchSpec, temperature: float, **extra: Any) -> None:
@@ -56,7 +62,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     path = Path(path)
     if not path.is_file():
         raise DynasError(f"model file {str(path)!r} does not exist.")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a foreign pickle, a truncated file, not a torch file at all
+        raise DynasError(f"{str(path)!r} is not a dynas model file: torch.load failed ({err}).") from None
     if not isinstance(payload, dict) or "arch" not in payload or "state_dict" not in payload:
         raise DynasError(f"{str(path)!r} is not a dynas model file (it needs 'arch' and 'state_dict').")
     model = build_model(ArchSpec.from_dict(payload["arch"]))
@@ -67,6 +76,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
 
 @dataclass(frozen=True)
 class ExportedModel:
+    """One exported trial: its number, its folder, and how far ONNX lies from PyTorch."""
+
     trial: int
     folder: Path
     onnx_max_abs_diff: float
@@ -77,8 +88,10 @@ def select_trials(frame: Any, select: str, top: int = 3) -> list[dict]:
     from dynas.search.results import pareto_front
 
     if select not in _SELECT:
-        raise DynasError(f"`select` must be one of {_SELECT}, but got select={select!r}.")
-    done = frame[frame["state"] == "complete"].sort_values("val_top1", ascending=False)
+        raise DynasError(f"`select` must be one of {_SELECT}, but got {select=!r}.{did_you_mean(select, _SELECT)}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise DynasError(f"`top` must be an integer >= 1, but got {top=!r}.")
+    done = frame[frame["state"] == "complete"].sort_values("val_top1", ascending=False, kind="stable")
     if done.empty:
         raise DynasError("the run has no completed trial to export.")
     if select == "pareto":
@@ -101,32 +114,80 @@ def export_run(
     """Export trials of ``run_dir`` (``select`` or explicit ``trials`` numbers) to ``out_dir``.
 
     Weights come from the trial's kept checkpoint, or, with ``retrain_epochs``, from retraining the
-    architecture on the full training set of the run's dataset. Test top-1 is measured here on the
-    dataset's test split (which the search itself never saw).
+    architecture on the full training set (training + validation split) of the run's dataset.
+    Test top-1 is measured here on the dataset's test split (which the search itself never saw).
+    Everything is checked before anything is written; a failure leaves ``out_dir`` as it was.
     """
     from dynas.search.report import load_results
 
     run_dir = Path(run_dir)
     frame = load_results(run_dir)
-    rows = _rows_for(frame, select, top, trials)
+    rows = _rows_for(frame, select, top, trials, run_dir)
     settings = _run_settings(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     if retrain_epochs is None:
         for row in rows:  # check all weights exist before writing anything
             _checkpoint_path(run_dir, row)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [_export_one(run_dir, out_dir, row, settings, retrain_epochs, latency) for row in rows]
+    else:
+        _check_retrain(retrain_epochs, settings, run_dir)
+    data = _run_data(settings, full_train=retrain_epochs is not None)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+
+    def export(row: dict, folder: Path) -> ExportedModel:
+        return _export_one(run_dir, folder, row, settings, data, retrain_epochs, latency)
+
+    return _write_all(out_dir, rows, export)
 
 
-def _rows_for(frame: Any, select: str, top: int, trials: list[int] | None) -> list[dict]:
+def _write_all(out_dir: Path, rows: list[dict], export: Callable[[dict, Path], ExportedModel]) -> list[ExportedModel]:
+    """Export every row into a staging folder, then rename each folder into ``out_dir``."""
+    created = _first_missing(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    except OSError as err:
+        raise DynasError(f"the output folder {str(out_dir)!r} must be a writable folder, but: {err.strerror}.") from None
+    try:
+        staged = [export(row, staging / _folder_name(row)) for row in rows]
+    except BaseException:
+        shutil.rmtree(created if created is not None else staging, ignore_errors=True)
+        raise
+    exported = []
+    for item in staged:
+        final = out_dir / item.folder.name
+        if final.exists():
+            shutil.rmtree(final)
+        item.folder.rename(final)
+        exported.append(dataclasses.replace(item, folder=final))
+    shutil.rmtree(staging, ignore_errors=True)
+    return exported
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (removed again on failure)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _folder_name(row: dict) -> str:
+    return f"trial_{int(row['trial']):05d}"
+
+
+def _rows_for(frame: Any, select: str, top: int, trials: list[int] | None, run_dir: Path) -> list[dict]:
     if trials is None:
         return select_trials(frame, select, top)
+    known = sorted(int(t) for t in frame.loc[frame["state"] == "complete", "trial"])
     rows = []
-    for number in trials:
+    for number in dict.fromkeys(trials):  # a trial named twice is exported once
         match = frame[(frame["trial"] == number) & (frame["state"] == "complete")]
         if match.empty:
-            known = sorted(frame.loc[frame["state"] == "complete", "trial"].tolist())
-            raise DynasError(f"trial {number} is not a completed trial of this run; completed trials: {known}.")
+            raise DynasError(
+                f"`trial` must be a completed trial of run {str(run_dir)!r}, but got trial={number}; "
+                f"completed trials: {', '.join(map(str, known)) or 'none'}."
+            )
         rows.append(match.iloc[0].to_dict())
     return rows
 
@@ -140,58 +201,47 @@ def _checkpoint_path(run_dir: Path, row: dict) -> Path:
     path = run_dir / row["checkpoint"] if row.get("checkpoint") else None
     if path is None or not path.is_file():
         raise DynasError(
-            f"the weights of trial {row['trial']} were not kept (only the best trials keep theirs, "
-            f"see --keep-weights); export it with --retrain-epochs N to retrain it."
+            f"the weights of trial {row['trial']} of run {str(run_dir)!r} were not kept (only the best "
+            f"trials keep theirs, see --keep-weights); export it with --retrain-epochs N to retrain it."
         )
     return path
 
 
+def _check_retrain(epochs: Any, settings: dict, run_dir: Path) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise DynasError(f"`retrain_epochs` must be an integer >= 1, but got retrain_epochs={epochs!r}.")
+    if not settings.get("dataset"):
+        raise DynasError(f"cannot retrain: run {str(run_dir)!r} has no config.yaml naming its dataset.")
+
+
 def _export_one(
-    run_dir: Path, out_dir: Path, row: dict, settings: dict, retrain_epochs: int | None, latency: bool
+    run_dir: Path, folder: Path, row: dict, settings: dict, data: Any, retrain_epochs: int | None, latency: bool
 ) -> ExportedModel:
     arch = ArchSpec.from_dict(json.loads(row["arch_json"]))
-    final = out_dir / f"trial_{int(row['trial']):05d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=out_dir))
-    try:
-        model, temperature, test_top1 = _weights(run_dir, row, arch, settings, retrain_epochs)
-        (tmp / "arch.json").write_text(json.dumps(_arch_payload(arch), indent=2), encoding="utf-8")
-        save_model(tmp / "model.pt", model, arch, temperature, trial=int(row["trial"]))
-        example = torch.randn(1, arch.in_channels, arch.input_size, arch.input_size)
-        torch.jit.trace(model, example).save(str(tmp / "model.ts"))
-        diff = _export_onnx(model, example, tmp / "model.onnx")
-        ms = _latency(model, arch) if latency else math.nan
-        card = _card(arch, row, settings, temperature, test_top1, ms, diff, retrain_epochs, final.name)
-        (tmp / "card.md").write_text(card, encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportedModel(int(row["trial"]), final, diff)
+    folder.mkdir()
+    if retrain_epochs:
+        model, temperature = _retrain(arch, row, settings, data, retrain_epochs)
+    else:
+        model = load_model(_checkpoint_path(run_dir, row))
+        temperature = _temperature(model)
+    test_top1 = _test_top1(model, data)
+    (folder / "arch.json").write_text(json.dumps(_arch_payload(arch), indent=2), encoding="utf-8")
+    save_model(folder / "model.pt", model, arch, temperature, trial=int(row["trial"]), **_normalisation(data))
+    example = torch.randn(1, arch.in_channels, arch.input_size, arch.input_size)
+    with warnings.catch_warnings():  # the operators' input checks are constant in a trace
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _export_torchscript(model, example, folder / "model.ts", int(row["trial"]))
+        diff = _export_onnx(model, example, folder / "model.onnx", int(row["trial"]))
+    ms = _latency(model, arch) if latency else math.nan
+    card = _card(arch, row, settings, data, temperature, test_top1, ms, diff, retrain_epochs, folder.name)
+    (folder / "card.md").write_text(card, encoding="utf-8")
+    return ExportedModel(int(row["trial"]), folder, diff)
 
 
 def _arch_payload(arch: ArchSpec) -> dict:
     from dynas import __version__
 
     return {"dynas_version": __version__, "arch": arch.to_dict(), "arch_str": arch.to_str()}
-
-
-def _weights(
-    run_dir: Path, row: dict, arch: ArchSpec, settings: dict, retrain_epochs: int | None
-) -> tuple[nn.Module, float, float]:
-    data = _test_data(settings, val_fraction=0.0 if retrain_epochs else None)
-    if retrain_epochs:
-        model, temperature = _retrain(arch, row, settings, data, retrain_epochs)
-    else:
-        model = load_model(_checkpoint_path(run_dir, row))
-        temperature = _temperature(model)
-    test_top1 = math.nan
-    if data is not None:
-        from dynas.training import evaluate
-
-        test_top1 = evaluate(model, data, "test", device="cpu")
-    return model.eval(), temperature, test_top1
 
 
 def _temperature(model: nn.Module) -> float:
@@ -201,41 +251,92 @@ def _temperature(model: nn.Module) -> float:
     return layers[0][1].temperature if layers else 1.0
 
 
-def _test_data(settings: dict, val_fraction: float | None) -> Any:
-    """The run's dataset (for test top-1 and retraining), or None if the run has no settings."""
+def _run_data(settings: dict, full_train: bool) -> Any:
+    """The run's dataset split as the search split it, or None if the run has no settings.
+
+    The same split (and train subset) as the search, so the kept weights are evaluated with the
+    normalisation they were trained with; for retraining, the validation split and any subset are
+    folded back into the training split (the full training set).
+    """
     if not settings.get("dataset"):
         return None
     from dynas.data import load_data
 
-    return load_data(
+    subset = settings.get("train_subset")
+    data = load_data(
         settings["dataset"],
         root=settings.get("data_root"),
-        val_fraction=settings.get("val_fraction", 0.1) if val_fraction is None else val_fraction,
+        val_fraction=settings.get("val_fraction", 0.1),
+        train_subset=None if full_train or subset is None else (int(subset) if subset >= 1 else subset),
         input_size=settings.get("input_size"),
         seed=settings.get("seed", 0),
     )
+    return _with_full_train(data) if full_train else data
+
+
+def _with_full_train(data: Any) -> Any:
+    from dynas.data import Split, channel_stats
+
+    train = Split(torch.cat([data.train.images, data.val.images]), torch.cat([data.train.labels, data.val.labels]))
+    mean, std = channel_stats(train.images)
+    return dataclasses.replace(data, train=train, mean=mean, std=std)
+
+
+def _normalisation(data: Any) -> dict[str, Any]:
+    return {} if data is None else {"mean": list(data.mean), "std": list(data.std)}
+
+
+def _test_top1(model: nn.Module, data: Any) -> float:
+    if data is None:
+        return math.nan
+    from dynas.training import evaluate
+
+    return evaluate(model, data, "test", device="cpu")
 
 
 def _retrain(arch: ArchSpec, row: dict, settings: dict, data: Any, epochs: int) -> tuple[nn.Module, float]:
     from dynas.training import TrainConfig, train_candidate
 
-    if data is None:
-        raise DynasError("cannot retrain: the run directory has no config.yaml naming its dataset.")
     config = TrainConfig(
         epochs=epochs,
         batch_size=settings.get("batch_size", 64),
         lr=settings.get("lr", 0.05),
-        tau_start=float(row["tau_start"]) if not math.isnan(row["tau_start"]) else 30.0,
-        anneal_fraction=float(row["anneal_fraction"]) if not math.isnan(row["anneal_fraction"]) else 0.1,
-        seed=settings.get("seed", 0),
+        weight_decay=settings.get("weight_decay", 4e-5),
+        label_smoothing=settings.get("label_smoothing", 0.1),
+        tau_start=_or_default(row["tau_start"], settings.get("tau_start", 30.0)),
+        anneal_fraction=_or_default(row["anneal_fraction"], settings.get("anneal_fraction", 0.1)),
+        seed=settings.get("seed", 0) + int(row["trial"]),
+        num_threads=settings.get("num_threads"),
         quiet=True,
     )
     model = build_model(arch)
-    train_candidate(model, data, config)
-    return model.cpu(), config.tau_end
+    result = train_candidate(model, data, config)
+    return model.cpu().eval(), result.tau_end
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> float:
+def _or_default(value: Any, default: float) -> float:
+    return float(default) if value is None or math.isnan(float(value)) else float(value)
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, trial: int) -> None:
+    """Trace at batch 1 and check the traced module at batch 8 (no shape may bake the batch in)."""
+    traced = torch.jit.trace(model, example, check_trace=False)  # checked below, at another batch
+    x = torch.randn(8, *example.shape[1:])
+    with torch.no_grad():
+        diff = float((traced(x) - model(x)).abs().max())
+    _check_close(diff, "TorchScript", trial, 8)
+    traced.save(str(path))
+
+
+def _check_close(diff: float, what: str, trial: int, batch: int) -> None:
+    if not diff <= EXPORT_ATOL:
+        raise DynasError(
+            f"the {what} export of trial {trial} must match PyTorch within {EXPORT_ATOL:g}, "
+            f"but got a max abs difference of {diff:.3g} at batch {batch}."
+        )
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, trial: int) -> float:
     """Export with a dynamic batch axis; return the max |ONNX - PyTorch| at batch 1 and 8."""
     torch.onnx.export(
         model,
@@ -256,8 +357,9 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> float:
         x = torch.randn(batch, *example.shape[1:])
         with torch.no_grad():
             expected = model(x).numpy()
-        got = session.run(None, {"input": x.numpy()})[0]
-        worst = max(worst, float(abs(got - expected).max()))
+        diff = float(abs(session.run(None, {"input": x.numpy()})[0] - expected).max())
+        _check_close(diff, "ONNX (onnxruntime)", trial, batch)
+        worst = max(worst, diff)
     return worst
 
 
@@ -271,6 +373,7 @@ def _card(
     arch: ArchSpec,
     row: dict,
     settings: dict,
+    data: Any,
     temperature: float,
     test_top1: float,
     latency_ms: float,
@@ -281,19 +384,26 @@ def _card(
     from dynas.counting import closed_form_macs, closed_form_params
 
     weights = f"retrained for {retrain_epochs} epochs on the full training set" if retrain_epochs else "the search trial's final weights"
-    search = ", ".join(f"{k}={settings[k]}" for k in ("space", "engine", "sampler", "strategy", "max_macs", "dataset", "epochs", "trials") if k in settings)
+    engine_keys = ("strategy",) if settings.get("engine") == "nni" else ("sampler", "pruner", "objective")
+    keys = ("space", "engine", *engine_keys, "max_macs", "max_params", "max_latency_ms", "dataset", "epochs", "trials")
+    search = ", ".join(f"{k}={settings[k]}" for k in keys if settings.get(k) is not None)
+    size = f"{arch.in_channels}, {arch.input_size}, {arch.input_size}"
+    inputs = "pixels scaled to [0, 1], then per channel (x - mean) / std"
+    if data is not None:
+        inputs += f" with mean {tuple(round(m, 4) for m in data.mean)}, std {tuple(round(s, 4) for s in data.std)}"
     return f"""# {name}: `{arch.to_str()}`
 
 | | |
 |---|---|
 | MACs (batch 1, {arch.input_size}×{arch.input_size}) | {closed_form_macs(arch):,} |
 | parameters | {closed_form_params(arch):,} |
-| CPU latency, batch 1 (median) | {latency_ms:.2f} ms |
+| CPU latency, batch 1 (median; torch threads: {torch.get_num_threads()}) | {latency_ms:.2f} ms |
 | validation top-1 (search) | {row['val_top1']:.2f}% |
 | test top-1 | {test_top1:.2f}% |
 | dynamic blocks | {row['dynamic_blocks']} |
 | τ schedule | {row['tau_start']:g} → 1 over the first {row['anneal_fraction']:.0%} of steps; inference at τ = {temperature:g} |
 | weights | {weights} |
+| inputs | float (batch, {size}), {inputs} |
 | ONNX vs PyTorch, max abs diff (batch 1 and 8) | {onnx_diff:.2e} |
 
 Search: {search or 'unknown'}.
@@ -301,11 +411,11 @@ Search: {search or 'unknown'}.
 ## Load it
 
 ```python
-import dynas
+import dynas, torch
 model = dynas.load_model("{name}/model.pt")          # nn.Module, eval mode, trained τ
 scripted = torch.jit.load("{name}/model.ts")         # TorchScript
-# onnxruntime.InferenceSession("{name}/model.onnx")  # input "input": (batch, {arch.in_channels}, {arch.input_size}, {arch.input_size})
+# onnxruntime.InferenceSession("{name}/model.onnx")  # input "input": (batch, {size}), output "logits"
 ```
 
-Rebuild untrained: `dynas.build_model(dynas.ArchSpec.from_dict(json.load(open("arch.json"))["arch"]))`.
+Rebuild untrained: `dynas.build_model(dynas.ArchSpec.from_dict(json.load(open("{name}/arch.json"))["arch"]))`.
 """
