@@ -364,19 +364,26 @@ def _prepare_run_dir(path: str) -> Path:
 
 
 class _TrialProgress:
-    """A progress bar over trials that shows the best validation top-1 so far."""
+    """A progress bar over trials that shows the best validation top-1 so far.
+
+    Over-budget proposals are not trials (they cost no training): they show as a count only.
+    """
 
     def __init__(self, total: int, quiet: bool) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=quiet)
         self.best = float("-inf")
+        self.rejected = 0
 
     def update(self, record: Any) -> None:
         if record.state in ("complete", "duplicate"):
             self.best = max(self.best, record.val_top1)
-        self.bar.set_postfix(best_top1=f"{self.best:.2f}" if self.best > float("-inf") else "-")
-        self.bar.update(1)
+        self.rejected += record.state == "rejected"
+        best = f"{self.best:.2f}" if self.best > float("-inf") else "-"
+        self.bar.set_postfix(best_top1=best, rejected=self.rejected)
+        if record.state != "rejected":
+            self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
@@ -402,10 +409,10 @@ def _print_summary(results: Any, evaluator: Any, run_dir: Path) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from dynas.builder import build_model
     from dynas.counting import closed_form_macs, closed_form_params
+    from dynas.export import save_model
+    from dynas.temperature import dynamic_layers
     from dynas.training import evaluate, train_candidate
 
     arch = _load_arch(args.arch)
@@ -422,7 +429,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     result = train_candidate(model, data, config, checkpoint_path=out / "checkpoint.pt")
     test_top1 = evaluate(model, data, "test", device=config.device)
-    torch.save({"arch": arch.to_dict(), "state_dict": model.cpu().state_dict()}, out / "model.pt")
+    tau = next((layer.temperature for _, layer in dynamic_layers(model)), config.tau_end)
+    save_model(out / "model.pt", model, arch, tau, mean=list(data.mean), std=list(data.std))
     metrics = {
         "arch": arch.to_str(),
         "macs": closed_form_macs(arch),

@@ -113,3 +113,28 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
 def test_help_exits_0(capsys):
     assert main(["search", "--help"]) == 0
     assert "--max-macs" in capsys.readouterr().out
+
+
+def test_train_writes_a_loadable_model_and_metrics(tmp_path, capsys):
+    from dynas.export import load_model
+    from dynas.temperature import dynamic_layers
+    from dynas.presets import cifar_variant, get_preset
+
+    arch = cifar_variant(get_preset("dy_mobilenetv2_035"), num_classes=10, input_size=16)
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps(arch.to_dict()))
+    out = tmp_path / "train"
+    assert main(["train", "--arch", str(arch_file), "--out", str(out), *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["arch"] == arch.to_str() and 0 <= metrics["test_top1"] <= 100
+    assert len(metrics["val_top1_history"]) == 1 and metrics["attention_entropy"]
+    model = load_model(out / "model.pt")
+    assert model.training is False
+    layers = dynamic_layers(model)
+    assert layers and all(layer.temperature == 1.0 for _, layer in layers)  # annealed to the end
+
+
+def test_train_refuses_an_arch_that_does_not_fit_the_data(tmp_path, capsys):
+    err = _error(capsys, ["train", "--arch", "mobilenetv2_035", "--out", str(tmp_path / "t"), *TINY])
+    assert "expects 224x224 inputs and 1000 classes" in err and "gives 16x16 and 10" in err
+    assert not (tmp_path / "t").exists()

@@ -26,6 +26,7 @@ from dynas.data import DataBundle
 from dynas.latency import measure_latency
 from dynas.search.results import ResultsTable, TrialRecord
 from dynas.spec import ArchSpec
+from dynas.temperature import dynamic_layers
 from dynas.training import NonFiniteLossError, TrainConfig, train_candidate
 
 __all__ = ["MAX_REJECTIONS_PER_TRIAL", "CandidateEvaluator", "EpochCallback", "SearchCounters"]
@@ -210,7 +211,9 @@ class CandidateEvaluator:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".pt.tmp")
         # tau is not part of the state dict: keep the one training ended at, for inference.
-        payload = {"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial, "temperature": self.train_config.tau_end}
+        # the temperature training ended at (a custom or unfinished schedule may stop above tau_end)
+        tau = next((layer.temperature for _, layer in dynamic_layers(model)), self.train_config.tau_end)
+        payload = {"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial, "temperature": tau}
         torch.save(payload, tmp)
         tmp.replace(path)
         for old in ranked[self.keep_weights - 1 :]:
