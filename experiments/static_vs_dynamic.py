@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anneal-epochs", type=float, default=None, help="anneal over epochs instead (paper: 10)")
     train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
     train.add_argument("--device", default="auto")
+    train.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", default="runs/static_vs_dynamic", help="folder for results.json and config.yaml")
@@ -166,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_steps_per_epoch=args.max_steps_per_epoch,
         device=args.device,
         seed=args.seed,
+        num_threads=args.num_threads,
         quiet=args.quiet,
     )
     static_arch, dynamic_arch = matched_pair(

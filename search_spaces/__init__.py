@@ -1,22 +1,27 @@
 """Search spaces and their registry.
 
->>> sorted(list_spaces())
-['mobile_cifar', 'mobile_imagenet']
+>>> list_spaces()
+['k_tau', 'mobile_cifar', 'mobile_imagenet']
 >>> get_space("mobile_cifar", num_classes=100).smallest().num_classes
 100
 
 A new space is one file that subclasses :class:`SearchSpace` and calls :func:`register_space`
-(see :mod:`search_spaces._base`).
+(see :mod:`search_spaces._base`). Every public module of this folder is imported here, so a file
+dropped into ``search_spaces/`` registers its space; an installed package can register spaces
+through the ``dynas.search_spaces`` entry-point group instead.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from dynas.errors import DynasError, did_you_mean
 from search_spaces._base import Candidate, Choice, SearchSpace
 
-__all__ = ["Candidate", "Choice", "SearchSpace", "get_space", "list_spaces", "register_space"]
+__all__ = ["Candidate", "Choice", "SearchSpace", "discover_spaces", "get_space", "list_spaces", "register_space"]
 
 _S = TypeVar("_S", bound=type[SearchSpace])
 _REGISTRY: dict[str, type[SearchSpace]] = {}
@@ -62,5 +67,17 @@ def get_space(name: str, **kwargs: Any) -> SearchSpace:
     return _REGISTRY[name](**kwargs)
 
 
-# The built-in spaces register themselves on import; this must follow register_space's definition.
-from search_spaces import k_tau, mobile  # noqa: E402,F401
+def discover_spaces() -> None:
+    """Import every public module of this package and every ``dynas.search_spaces`` entry point.
+
+    Each registers its spaces on import; modules already imported are not imported again.
+    """
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    for entry in entry_points(group="dynas.search_spaces"):
+        entry.load()
+
+
+# The spaces register themselves on import; this must follow register_space's definition.
+discover_spaces()

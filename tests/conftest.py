@@ -1,4 +1,4 @@
-"""Shared fixtures: real CIFAR-10 (the mini JPEG pack) unpacked once per session."""
+"""Shared fixtures: real CIFAR-10 (the mini JPEG pack) unpacked once per session; a private registry."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import search_spaces
 
 _SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 _MINI_PACK = _SHARED_CIFAR / "cifar10_mini_jpegq75_pack.npz"
@@ -25,3 +27,11 @@ def cifar10_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cifar10_mini")
     subprocess.run([sys.executable, str(script), str(_MINI_PACK), str(out)], check=True, capture_output=True)
     return out / "cifar-10-batches-py"
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A private copy of the search-space registry, so a test's registrations do not leak."""
+    copy = dict(search_spaces._REGISTRY)
+    monkeypatch.setattr(search_spaces, "_REGISTRY", copy)
+    return copy

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,14 +24,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """A private copy of the registry, so a test's registrations do not leak."""
-    copy = dict(search_spaces._REGISTRY)
-    monkeypatch.setattr(search_spaces, "_REGISTRY", copy)
-    return copy
 
 
 class FakeTrial:
@@ -273,6 +266,41 @@ def test_a_user_space_in_one_file(registry):
     assert candidate.arch.blocks[0].num_kernels == 4 and candidate.arch.num_classes == 3
     assert space.largest().blocks[0].num_kernels == 4 and space.smallest().blocks[0].num_kernels == 1
     build_model(space.sample(0).arch)(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+_USER_FILE = """
+from dynas.spec import ArchSpec, BlockSpec, StageSpec
+from search_spaces import register_space
+from search_spaces._base import Candidate, Choice, SearchSpace
+
+
+@register_space
+class DroppedIn(SearchSpace):
+    name = "dropped_in"
+
+    def __init__(self, input_size=32, num_classes=10):
+        self.input_size, self.num_classes = input_size, num_classes
+
+    def choices(self):
+        return [Choice("kernel", (3, 5))]
+
+    def make_candidate(self, params):
+        block = BlockSpec(params["kernel"], 6, 32, 2)
+        arch = ArchSpec(16, (StageSpec((block,)),), 128, num_classes=self.num_classes, input_size=self.input_size)
+        return Candidate(arch, tau_start=30.0, anneal_fraction=0.1, params=params)
+"""
+
+
+def test_a_file_dropped_into_the_package_registers_its_space(registry, tmp_path, monkeypatch):
+    (tmp_path / "dropped_in.py").write_text(_USER_FILE)
+    (tmp_path / "_private.py").write_text("raise RuntimeError('private modules are not imported')")
+    monkeypatch.setattr(search_spaces, "__path__", [*search_spaces.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "search_spaces.dropped_in", raising=False)
+    assert "dropped_in" not in list_spaces()
+    search_spaces.discover_spaces()
+    assert "dropped_in" in list_spaces()
+    assert get_space("dropped_in").decode({"kernel": 5}).arch.blocks[0].kernel_size == 5
+    sys.modules.pop("search_spaces.dropped_in")
 
 
 def test_dependent_choice_needs_is_active(registry):
