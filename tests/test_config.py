@@ -4,7 +4,9 @@ import pytest
 
 from dynas.config import apply_config, parse_count
 from dynas.errors import DynasError
-from run_search import build_parser, main
+from run_search import DEFAULT_CONFIG, build_parser, main
+
+EXPERIMENTS = DEFAULT_CONFIG.parent
 
 
 @pytest.mark.parametrize("text,value", [("5M", 5_000_000), ("300k", 300_000), ("5e6", 5_000_000), (1.5e9, 1_500_000_000), ("2.5m", 2_500_000)])
@@ -64,3 +66,25 @@ def test_cli_bad_flag_value_exits_2(capsys):
     assert main(["search", "--max-macs", "lots"]) == 2
     err = capsys.readouterr().err
     assert "expected a count such as 5M" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.yaml")))
+def test_every_experiment_config_is_valid_and_its_budget_feasible(name):
+    from dynas.budget import Budget, ensure_feasible
+    from search_spaces import get_space
+
+    parser = _search_parser()
+    apply_config(parser, EXPERIMENTS / name)
+    args = parser.parse_args([])
+    space = get_space(args.space, input_size=args.input_size, num_classes=10)
+    ensure_feasible(space, Budget(max_macs=args.max_macs, max_params=args.max_params))
+
+
+def test_default_job_runs_end_to_end_in_small(tmp_path, capsys):
+    """``python run_search.py`` with its own config, cut to one short trial."""
+    argv = ["search", "--config", str(EXPERIMENTS / "default.yaml"), "--run-dir", str(tmp_path / "run"),
+            "--trials", "1", "--epochs", "1", "--max-steps-per-epoch", "2", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "best architecture (trial" in out and "val top-1" in out
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "results.csv").is_file()
