@@ -57,7 +57,7 @@ class TrainConfig:
 
     epochs: int = 3  # a proxy: rankings, not final accuracy
     batch_size: int = 64
-    lr: float = 0.05  # peak learning rate, reached after warm-up (0.1 at batch 128, scaled linearly)
+    lr: float = 0.05  # peak, after warm-up; 0.1 (batch 128) collapsed DY attention in short proxy runs
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 4e-5  # MobileNet's value; applied to conv / linear weights only
     warmup_epochs: float = 0.5  # linear warm-up from ~0, per step; must be < epochs
