@@ -3,12 +3,15 @@
 For each pair (DY-MobileNetV2 x1.0 and x0.5, DY-MobileNetV3-Small vs the same static network):
 
 * inference: batch 1, 224x224, eval mode, ``torch.inference_mode``;
-* training step: batch 32, 32x32, train mode, forward + cross-entropy + backward + SGD step.
+* training step: batch 32, 32x32, train mode, forward + cross-entropy + backward + SGD step
+  (``dynas.training``'s optimizer: momentum 0.9, Nesterov, weight decay; ``--fused-sgd`` for
+  ``SGD(fused=True)``, whose one kernel per step matters to a network with 3x the parameters).
 
 Static and dynamic networks each run contiguous and channels_last, interleaved; every ratio is
-against the static network in its faster layout (see ``_timing.compare``). Not in CI::
+against the static network in its faster layout (see ``_timing.compare``). Goals for
+DY-MobileNetV2 x1.0 (K=4): inference <= 1.15x, training step <= 1.3x. Not in CI::
 
-    python benchmarks/bench_networks.py --threads 2 --out networks.json
+    python benchmarks/bench_networks.py --threads 2 --out networks.json --md networks.md
 
 On a CPU shared with other processes, ``--clock cpu`` (with ``OMP_WAIT_POLICY=PASSIVE`` in the
 environment, so idle OpenMP threads sleep instead of spinning) measures the CPU time the process
@@ -18,16 +21,16 @@ used, which a burst of load from elsewhere barely changes; ``--clock wall`` (the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import CLOCKS, Timing, compare, environment, set_threads
+from _baseline import add_baseline_arg, use_baseline
+from _report import add_output_args, add_run_args, write_results
+from _timing import Timing, compare, set_threads
 from dynas.builder import build_model
 from dynas.presets import cifar_variant, get_preset
 
@@ -70,9 +73,12 @@ def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
+def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, fused: bool) -> Callable[[], object]:
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    # dynas.training's optimizer; `fused` is the single-kernel CPU implementation, which the
+    # dynamic network (3x the parameters of the static one) gains more from.
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=4e-5,
+                          fused=fused or None)
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
@@ -83,47 +89,50 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Call
 
 
 def bench_pair(static: str, dynamic: str, mode: str, args: argparse.Namespace) -> dict[str, Timing]:
-    """Time static and dynamic networks, each contiguous and channels_last, side by side."""
+    """Time static and dynamic networks, each contiguous and channels_last, side by side.
+
+    With ``--baseline``, the dynamic network also runs channels_last with the baseline's
+    DynamicConv2d (``baseline_cl``): before and after in one run.
+    """
     train = mode == "train"
     batch, size = (args.train_batch, args.train_size) if train else (1, args.infer_size)
     cifar = train and args.cifar_variant
     x = torch.randn(batch, 3, size, size)
     target = torch.randint(0, 10 if cifar else 1000, (batch,))
+    candidates = [(n + layout, preset, fmt) for n, preset in (("static", static), ("dynamic", dynamic))
+                  for layout, fmt in (("", torch.contiguous_format), ("_cl", torch.channels_last))]
+    if args.baseline is not None:
+        candidates.append(("baseline_cl", dynamic, torch.channels_last))
     fns: dict[str, Callable[[], object]] = {}
-    for name, preset in (("static", static), ("dynamic", dynamic)):
-        for layout, fmt in (("", torch.contiguous_format), ("_cl", torch.channels_last)):
-            model = _build(preset, size, cifar)
-            if fmt is torch.channels_last:
-                to_channels_last(model)
-            xin = x.contiguous(memory_format=fmt)
-            fns[name + layout] = _train_step(model, xin, target) if train else _inference(model, xin)
+    for name, preset, fmt in candidates:
+        model = _build(preset, size, cifar)
+        if fmt is torch.channels_last:
+            to_channels_last(model)
+        if name.startswith("baseline"):
+            use_baseline(model, args.baseline)
+        xin = x.contiguous(memory_format=fmt)
+        fns[name] = _train_step(model, xin, target, args.fused_sgd) if train else _inference(model, xin)
     return compare(fns, ["static", "static_cl"], rounds=args.rounds, warmup=args.warmup, clock=args.clock)
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    head = (
-        "| network | mode | static ms | static_cl ms | dynamic ms | dynamic_cl ms "
-        "| dynamic / static (best) | dynamic_cl / static (best) |"
-    )
-    lines = [head, "|" + "---|" * 8]
+    names = list(rows[0]["timings"]) if rows else []
+    head = "| network | mode | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(
+        f"{n} / static (best)" for n in names if not n.startswith("static")) + " |"
+    lines = [head, "|" + "---|" * (2 + len(names) + sum(not n.startswith("static") for n in names))]
     for r in rows:
         t = r["timings"]
         lines.append(
-            f"| {r['network']} | {r['mode']} | {t['static']['median_ms']:.2f} | "
-            f"{t['static_cl']['median_ms']:.2f} | {t['dynamic']['median_ms']:.2f} | "
-            f"{t['dynamic_cl']['median_ms']:.2f} | {t['dynamic']['ratio']:.3f} | "
-            f"{t['dynamic_cl']['ratio']:.3f} |"
+            f"| {r['network']} | {r['mode']} | "
+            + " | ".join(f"{t[n]['median_ms']:.2f}" for n in names) + " | "
+            + " | ".join(f"{t[n]['ratio']:.3f}" for n in names if not n.startswith("static")) + " |"
         )
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run = p.add_argument_group("run")
-    run.add_argument("--threads", type=int, default=2, help="intra-op threads, fixed (default 2)")
-    run.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
-    run.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    run.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time or process CPU time")
+    add_run_args(p)
     what = p.add_argument_group("what")
     what.add_argument("--networks", nargs="+", default=[label for label, _, _ in PAIRS],
                       choices=[label for label, _, _ in PAIRS], metavar="NAME", help="pairs to run")
@@ -133,11 +142,14 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--train-batch", type=int, default=32, help="training batch size")
     what.add_argument("--cifar-variant", action="store_true",
                       help="train the CIFAR variant (stem stride 1, 10 classes) instead of the preset")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    what.add_argument("--fused-sgd", action="store_true", help="train with SGD(fused=True), not the for-loop SGD")
+    add_baseline_arg(what)
+    add_output_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     threads = set_threads(args.threads)
     print(f"torch {torch.__version__}, threads {threads}, clock {args.clock}", flush=True)
@@ -151,13 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "timings": {n: vars(t) for n, t in timings.items()}})
             print(f"{label} {mode}: " + ", ".join(f"{n} {t.median_ms:.2f} ms x{t.ratio:.3f}"
                                                   for n, t in timings.items()), flush=True)
-    print()
-    print(_table(rows))
-    if args.out is not None:
-        result = {"benchmark": "networks", "environment": environment(), "args": {
-            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.out}")
+    write_results(__file__, argv, args, rows, _table(rows))
     return 0
 
 

@@ -10,7 +10,7 @@ against the static conv in its faster layout (contiguous or channels_last):
 
 Not in CI::
 
-    python benchmarks/bench_ops.py --threads 2 --out ops.json
+    python benchmarks/bench_ops.py --threads 2 --out ops.json --md ops.md
 
 See ``bench_networks.py`` for ``--clock cpu`` on a shared machine.
 """
@@ -18,16 +18,16 @@ See ``bench_networks.py`` for ``--clock cpu`` on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from _timing import CLOCKS, compare, environment, set_threads
+from _baseline import add_baseline_arg, use_baseline
+from _report import add_output_args, add_run_args, write_results
+from _timing import compare, set_threads
 from dynas.builder import build_model
 from dynas.ops import DynamicConv2d
 from dynas.presets import get_preset
@@ -113,41 +113,43 @@ def bench_shape(shape: ConvShape, batch: int, train: bool, args: argparse.Namesp
         "dynamic": _call(dynamic, x, train),
         "dynamic_cl": _call(dynamic, xcl, train),
     }
+    if args.baseline is not None:
+        fns["baseline_cl"] = _call(use_baseline(_layers(shape)[1], args.baseline), xcl, train)
     timings = compare(fns, ["static", "static_cl"], rounds=args.rounds, warmup=args.warmup, clock=args.clock)
     return {"op": shape.label(), "shape": asdict(shape), "batch": batch, "mode": "train" if train else "infer",
             "timings": {n: vars(t) for n, t in timings.items()}}
 
 
 def _table(rows: list[dict[str, object]]) -> str:
+    ratios = [n for n in (rows[0]["timings"] if rows else []) if not n.startswith("static")]
     lines = [
-        "| op | batch | mode | static ms | static_cl ms | dynamic / static (best) | dynamic_cl / static (best) |",
-        "|" + "---|" * 7,
+        "| op | batch | mode | static ms | static_cl ms | "
+        + " | ".join(f"{n} / static (best)" for n in ratios) + " |",
+        "|" + "---|" * (5 + len(ratios)),
     ]
     for r in rows:
         t = r["timings"]
         lines.append(
             f"| {r['op']} | {r['batch']} | {r['mode']} | {t['static']['median_ms']:.3f} | "
-            f"{t['static_cl']['median_ms']:.3f} | {t['dynamic']['ratio']:.2f} | {t['dynamic_cl']['ratio']:.2f} |"
+            f"{t['static_cl']['median_ms']:.3f} | " + " | ".join(f"{t[n]['ratio']:.2f}" for n in ratios) + " |"
         )
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run = p.add_argument_group("run")
-    run.add_argument("--threads", type=int, default=2, help="intra-op threads, fixed (default 2)")
-    run.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
-    run.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    run.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time or process CPU time")
+    add_run_args(p)
     what = p.add_argument_group("what")
     what.add_argument("--parts", nargs="+", default=["headline", "infer224", "train32"],
                       choices=["headline", "infer224", "train32"], help="which parts to run")
     what.add_argument("--preset", default="dy_mobilenetv2_100", help="network whose layers are timed")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    add_baseline_arg(what)
+    add_output_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     threads = set_threads(args.threads)
     print(f"torch {torch.__version__}, threads {threads}, clock {args.clock}", flush=True)
@@ -163,14 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(bench_shape(shape, batch, train, args))
         t = rows[-1]["timings"]
         print(f"{shape.label()} B{batch} {'train' if train else 'infer'}: "
-              f"dynamic x{t['dynamic']['ratio']:.2f}, dynamic_cl x{t['dynamic_cl']['ratio']:.2f}", flush=True)
-    print()
-    print(_table(rows))
-    if args.out is not None:
-        result = {"benchmark": "ops", "environment": environment(), "args": {
-            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.out}")
+              + ", ".join(f"{n} x{v['ratio']:.2f}" for n, v in t.items()), flush=True)
+    write_results(__file__, argv, args, rows, _table(rows))
     return 0
 
 

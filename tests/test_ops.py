@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynas.ops import DynamicConv2d
+from dynas.ops.dynamic_conv import _scaling_inputs_is_smaller
 
 # (in, out, kernel, stride, padding, dilation, groups, bias)
 CONFIGS = [
@@ -269,6 +270,26 @@ def test_every_path_matches_definition_with_gradients(
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cin,cout,k,s,p,d,g,bias", PATH_CONFIGS)
+@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3"])
+@pytest.mark.parametrize("mix_max_pixels", [0, 10**9], ids=["aggregate", "mix"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_every_path_matches_definition_in_inference_mode(
+    cin, cout, k, s, p, d, g, bias, batch, mix_max_pixels, channels_last
+):
+    # Without autograd some paths read their kernels differently (no gradient layout to keep).
+    dyn = _make(cin, cout, k, s, p, d, g, bias, num_kernels=3, temperature=0.7)
+    dyn.mix_max_pixels = mix_max_pixels
+    x = _inputs(batch, cin, 11, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = dyn(x)
+    with torch.no_grad():
+        expected = _reference(dyn, x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("k,g", [(1, 1), (3, 1), (3, 8)], ids=["pointwise", "3x3", "depthwise"])
 @pytest.mark.parametrize("batch,size", [(1, 6), (4, 6), (4, 2)], ids=["b1", "b4", "b4-small-map"])
 def test_output_keeps_input_memory_format(k, g, batch, size):
@@ -278,6 +299,33 @@ def test_output_keeps_input_memory_format(k, g, batch, size):
     out_cl = dyn(x.contiguous(memory_format=torch.channels_last))
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out_cl, dyn(x))
+
+
+@pytest.mark.parametrize(
+    "cin,cout,batch,size,scales",
+    [
+        (4, 16, 3, 4, True),  # widening: the K-fold input is the smaller intermediate
+        (16, 4, 3, 4, False),  # narrowing: the K-fold output is
+        (4, 64, 8, 1, True),  # 1x1 map, batch large enough to amortise the kernel reshuffle
+        (8, 16, 3, 1, False),  # 1x1 map, kernel reshuffle larger than the K-fold output
+    ],
+    ids=["scale", "mix", "scale-1x1-map", "mix-1x1-map"],
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_both_mixing_branches_match_definition(cin, cout, batch, size, scales, channels_last):
+    assert _scaling_inputs_is_smaller(batch * size * size, cin, cout) == scales  # the branch under test
+    dyn = _make(cin, cout, 1, 1, 0, 1, 1, True, num_kernels=3, temperature=0.7)
+    dyn.mix_max_pixels = 10**9
+    x = _inputs(batch, cin, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(_reference(dyn, x))
+    got = _grads(dyn, dyn, x, grad_out)
+    expected = _grads(lambda y: _reference(dyn, y), dyn, x, grad_out)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=layout)
 
 
 def test_small_maps_take_the_mixed_path_by_default():

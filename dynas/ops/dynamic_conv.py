@@ -17,12 +17,19 @@ it measured fastest for its shapes, see ``benchmarks/bench_ops.py``):
   :attr:`DynamicConv2d.mix_max_pixels` pixels: aggregate, then one batched matmul over pixels,
   which reads either memory format in place (no oneDNN reorder of input, kernel or output);
 * the same conv on a small map (the last stages of a net on 32x32 inputs): one matmul with all
-  K kernels shared by the batch, then the K outputs mixed by pi -- K times the conv MACs, but no
-  (Cout, Cin) kernel per sample written and read back, which costs more when pixels are few;
+  K kernels shared by the batch -- K times the conv MACs, but no (Cout, Cin) kernel per sample
+  written and read back, which costs more when pixels are few. Either the input is scaled by
+  each pi_k and the K kernels run as one (Cout, K*Cin) kernel, or the K kernels run and their
+  outputs are mixed by pi, whichever writes the smaller intermediate;
 * any other conv at batch 1: aggregate, then a plain ``conv2d`` with ``groups=groups``;
 * any other conv at batch B > 1: aggregate, then one grouped conv with ``groups = B * groups``
   on the batch folded into channels (never K separate convolutions). Folding needs a
   contiguous tensor, so a channels_last input is copied in and the output copied back.
+
+Autograd: ``pi`` enters every aggregation column-major, so that its gradient is computed as
+``(W @ grad.T).T``, not as ``grad @ W.T`` (a GEMM with K output columns, 10-20x slower on CPU);
+a channels_last input under autograd gets its kernels aggregated as (Cin, Cout), so that the
+per-sample kernel's gradient needs no transposing copy.
 
 Memory format: the output has the input's format on every path. The fastest layout is
 channels_last for static and dynamic networks alike (oneDNN convolutions run without reorders,
@@ -90,6 +97,26 @@ class KernelAttention(nn.Module):
         return torch.sigmoid(logits)
 
 
+def _column_major(pi: torch.Tensor) -> torch.Tensor:
+    """``pi`` (B, K) with column-major strides, the same values.
+
+    The gradient of ``pi @ W`` w.r.t. ``pi`` is ``grad @ W.T``, a GEMM with only K output
+    columns and a long inner dimension, which CPU BLAS runs 10-20x slower than its transpose
+    ``(W @ grad.T).T``; autograd computes the latter when ``pi`` is column-major. Without
+    autograd ``pi`` is returned as it is.
+    """
+    return pi.t().contiguous().t() if pi.requires_grad else pi
+
+
+def _scaling_inputs_is_smaller(pixels: int, cin: int, cout: int) -> bool:
+    """Whether the mixed 1x1 conv writes less by scaling its input than by mixing its outputs.
+
+    Per kernel: a scaled copy of the input (pixels * Cin) plus the kernel reshuffled to
+    (Cout, K*Cin) (Cout * Cin), against an output (pixels * Cout).
+    """
+    return pixels * cin + cout * cin < pixels * cout
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     """Channels_last and not also contiguous (1x1 maps and single channels are both)."""
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -115,8 +142,9 @@ class DynamicConv2d(nn.Module):
     :attr:`last_attention` (``(B, K)``) for logging.
     """
 
-    #: A pointwise conv on a map of at most this many pixels runs all K kernels and mixes
-    #: their outputs instead of aggregating a kernel per sample (see ``_pointwise_mixed``).
+    #: A pointwise conv on a map of at most this many pixels runs all K kernels shared by the
+    #: batch instead of aggregating a kernel per sample (see ``_pointwise_mixed``); measured
+    #: for K=4 (2x2 maps mix, 4x4 maps aggregate; ``benchmarks/bench_ops.py``).
     mix_max_pixels: int = 4
 
     def __init__(
@@ -242,8 +270,8 @@ class DynamicConv2d(nn.Module):
         if self._pointwise:
             if x.shape[2] * x.shape[3] <= self.mix_max_pixels:
                 return self._pointwise_mixed(x, pi)
-            return self._pointwise_aggregated(x, *self.aggregate(pi))
-        weight, bias = self.aggregate(pi)
+            return self._pointwise_aggregated(x, _column_major(pi))
+        weight, bias = self.aggregate(_column_major(pi))
         if x.shape[0] == 1:
             # One sample: its kernel is a plain conv weight, no batch folded into channels.
             b0 = bias[0] if bias is not None else None
@@ -257,24 +285,31 @@ class DynamicConv2d(nn.Module):
         unpadded = self.padding in ("same", "valid", (0, 0))
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and unpadded
 
-    def _pointwise_aggregated(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _pointwise_aggregated(self, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
         """Per-sample 1x1 conv as one batched matmul with the aggregated kernels.
 
-        Works on either memory format without copies and returns the input's format.
+        Works on either memory format without copies of the input and returns the input's
+        format. A channels_last input reads its (Cout, Cin) kernels transposed, except under
+        autograd: then the kernels are aggregated as (Cin, Cout), since a kernel read
+        transposed would make autograd copy its (B, Cout, Cin) gradient.
         """
         b, cin, h, w = x.shape
-        cout = self.out_channels
-        w_mat = weight.view(b, cout, cin)  # (B, Cout, Cin)
+        k, cout = self.num_kernels, self.out_channels
+        bias = torch.matmul(pi, self.bias) if self.bias is not None else None  # (B, Cout)
         if _channels_last(x):
+            if torch.is_grad_enabled():
+                w_t = self.weight.reshape(k, cout, cin).transpose(1, 2).reshape(k, cin * cout)  # (K, Cin*Cout)
+                w_t = torch.mm(pi, w_t).view(b, cin, cout)  # (B, Cin, Cout)
+            else:
+                w_mat = torch.mm(pi, self.weight.reshape(k, cout * cin)).view(b, cout, cin)  # (B, Cout, Cin)
+                w_t = w_mat.transpose(1, 2)  # (B, Cin, Cout), a view
             cols = x.permute(0, 2, 3, 1).reshape(b, h * w, cin)  # (B, L, Cin), a view
-            w_t = w_mat.transpose(1, 2)  # (B, Cin, Cout)
             if bias is None:
                 out = torch.bmm(cols, w_t)
             else:
                 out = torch.baddbmm(bias.unsqueeze(1), cols, w_t)  # (B, L, Cout)
             return out.view(b, h, w, cout).permute(0, 3, 1, 2)  # (B, Cout, H, W) channels_last
+        w_mat = torch.mm(pi, self.weight.reshape(k, cout * cin)).view(b, cout, cin)  # (B, Cout, Cin)
         cols = x.reshape(b, cin, h * w)  # (B, Cin, L), a view of a contiguous input
         if bias is None:
             out = torch.bmm(w_mat, cols)
@@ -283,27 +318,35 @@ class DynamicConv2d(nn.Module):
         return out.view(b, cout, h, w)
 
     def _pointwise_mixed(self, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
-        """Per-sample 1x1 conv as all K convs in one matmul, then their outputs mixed by pi.
+        """Per-sample 1x1 conv with the K kernels shared by the batch, mixed by pi (linearity).
 
-        Equal to conv with the aggregated kernel (linearity), and cheaper when a feature map
-        has few pixels: K*Cout*Cin MACs per pixel instead of writing and reading a
-        (Cout, Cin) kernel per sample, with the K kernels shared by the whole batch.
+        Cheaper than aggregating when a feature map has few pixels: K*Cout*Cin MACs per pixel
+        in one large matmul, instead of writing and reading a (Cout, Cin) kernel per sample.
+        Of the two ways to mix, the one with the smaller intermediate runs: scale the input by
+        each pi_k and run the K kernels as one (Cout, K*Cin) kernel (a K-fold copy of the input,
+        plus the kernels reshuffled), or run the K kernels and mix their K outputs.
+
+        Pixels are rows, (B*L, Cin): a view of a channels_last input, a small copy of a
+        contiguous one (the map is small), which also gets a contiguous output back.
         """
         b, cin, h, w = x.shape
         k, cout = self.num_kernels, self.out_channels
-        w_all = self.weight.view(k * cout, cin)  # (K*Cout, Cin)
-        if _channels_last(x):
-            cols = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)  # (B*L, Cin), a view
-            y = torch.mm(cols, w_all.t()).view(b, h * w, k, cout)  # (B, L, K, Cout)
-            out = torch.matmul(pi.view(b, 1, 1, k), y)  # (B, L, 1, Cout)
-            out = out.view(b, h, w, cout).permute(0, 3, 1, 2)  # (B, Cout, H, W) channels_last
+        pixels = b * h * w
+        cols = x.permute(0, 2, 3, 1).reshape(pixels, cin)  # (B*L, Cin)
+        if _scaling_inputs_is_smaller(pixels, cin, cout):
+            w_cat = self.weight.reshape(k, cout, cin).transpose(0, 1).reshape(cout, k * cin)  # (Cout, K*Cin)
+            scaled = cols.view(b, h * w, 1, cin) * pi.view(b, 1, k, 1)  # (B, L, K, Cin)
+            out = torch.mm(scaled.reshape(pixels, k * cin), w_cat.t()).view(b, h * w, cout)  # (B, L, Cout)
         else:
-            y = torch.matmul(w_all, x.reshape(b, cin, h * w))  # (B, K*Cout, L)
-            out = torch.bmm(pi.unsqueeze(1), y.view(b, k, cout * h * w))  # (B, 1, Cout*L)
-            out = out.view(b, cout, h, w)
+            y = torch.mm(cols, self.weight.reshape(k * cout, cin).t())  # (B*L, K*Cout)
+            if h * w == 1:
+                out = torch.bmm(pi.view(b, 1, k), y.view(b, k, cout))  # (B, 1, Cout)
+            else:
+                out = (y.view(b, h * w, k, cout) * pi.view(b, 1, k, 1)).sum(dim=2)  # (B, L, Cout)
         if self.bias is not None:
-            out = out + torch.matmul(pi, self.bias).view(b, cout, 1, 1)  # (B, Cout) mixed bias
-        return out
+            out = out + torch.matmul(pi, self.bias).unsqueeze(1)  # (B, 1, Cout) mixed bias
+        out = out.view(b, h, w, cout).permute(0, 3, 1, 2)  # (B, Cout, H, W) channels_last
+        return out if _channels_last(x) else out.contiguous()
 
     def _conv_grouped(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
