@@ -341,8 +341,14 @@ def _setup(model: nn.Module, data: DataBundle, config: TrainConfig, schedule: Te
     )
     steps = len(loader)
     total = config.epochs * steps
+    # The fused kernel updates all parameters in one pass: 2.7x faster optimizer steps on CPU
+    # (benchmarks/bench_networks.py --fused-sgd), the same arithmetic.
     optimizer = torch.optim.SGD(
-        _param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True
+        _param_groups(model, config.weight_decay),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+        fused=device.type in ("cpu", "cuda"),
     )
     warmup = round(config.warmup_epochs * steps)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total))
