@@ -11,7 +11,7 @@ from dynas.counting import closed_form_macs
 from dynas.data import load_data
 from dynas.errors import DynasError
 from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
-from dynas.search.optuna_engine import make_sampler, make_storage, run_optuna_search
+from dynas.search.optuna_engine import make_pruner, make_sampler, make_storage, run_optuna_search
 from dynas.search.results import ResultsTable, pareto_front
 from dynas.training import TrainConfig
 from search_spaces import get_space
@@ -159,3 +159,19 @@ def test_random_sampler_reproducible(tmp_path, data, space):
 
     assert params(tmp_path / "a") == params(tmp_path / "b")
     assert optuna.__version__
+
+
+@pytest.mark.parametrize("epochs,first_prunable", [(1, 1), (4, 2), (10, 5)])
+def test_median_pruner_waits_for_half_the_epochs(epochs, first_prunable):
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", epochs))
+    for _ in range(3):  # finished trials that did much better at every epoch
+        done = study.ask()
+        for epoch in range(1, epochs + 1):
+            done.report(90.0, epoch)
+        study.tell(done, 90.0)
+    trial = study.ask()
+    verdicts = []
+    for epoch in range(1, epochs + 1):
+        trial.report(10.0, epoch)
+        verdicts.append(trial.should_prune())
+    assert verdicts.index(True) + 1 == first_prunable

@@ -76,7 +76,10 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """An Optuna pruner by name (``PRUNERS``) fed with per-epoch validation top-1."""
     _check_name("pruner", name, PRUNERS)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # Epochs report 1-based. Before half the epochs accuracy is mostly noise (in the default
+        # job every candidate sits near chance after epoch 1 and the good ones take off in epoch
+        # 2-3), so pruning there would prune at random.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, epochs // 2))
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1))
     return optuna.pruners.NopPruner()
