@@ -20,7 +20,7 @@ def test_append_writes_jsonl_and_csv(tmp_path):
     table.append(_record(0))
     table.append(_record(1, state="rejected", top1=math.nan))
     frame = table.frame()
-    assert list(frame.columns) == COLUMNS
+    assert list(frame.columns) == [*COLUMNS, "min_attention_entropy"]
     assert frame["trial"].tolist() == [0, 1]
     csv = pd.read_csv(table.csv)
     assert csv["state"].tolist() == ["complete", "rejected"]
@@ -48,3 +48,30 @@ def test_pareto_front():
          _record(4, state="rejected", macs=0, top1=99).__dict__]
     )
     assert pareto_front(frame)["trial"].tolist() == [1, 0]
+
+
+def test_min_attention_entropy_and_the_collapse_warning(tmp_path):
+    from dynas.search.report import write_report
+
+    table = ResultsTable(tmp_path / "run")
+    healthy, collapsed = _record(0), _record(1, arch="b")
+    healthy.attention_entropy = {"a.conv": 1.2, "b.conv": 0.9}
+    collapsed.attention_entropy = {"a.conv": 1.3, "b.conv": 0.02}
+    for record in (healthy, collapsed, _record(2, arch="static")):
+        table.append(record)
+    frame = table.frame()
+    assert frame["min_attention_entropy"].tolist()[:2] == [0.9, 0.02]
+    assert math.isnan(frame["min_attention_entropy"].iloc[2])
+    assert pd.read_csv(table.csv)["min_attention_entropy"].tolist()[:2] == [0.9, 0.02]
+    text = write_report(tmp_path / "run")
+    assert "in 1 of 2 trained dynamic candidates" in text and "trials 1)" in text
+
+
+def test_no_collapse_warning_when_attention_is_spread(tmp_path):
+    from dynas.search.report import write_report
+
+    table = ResultsTable(tmp_path / "run")
+    record = _record(0)
+    record.attention_entropy = {"a.conv": 1.2}
+    table.append(record)
+    assert "collapsed" not in write_report(tmp_path / "run")

@@ -13,6 +13,9 @@ __all__ = ["load_results", "plot_results", "write_report"]
 
 _SHOWN = ["trial", "engine", "state", "macs", "params", "val_top1", "dynamic_blocks", "tau_start", "train_seconds", "arch"]
 
+COLLAPSED_NATS = 0.1
+"""Attention entropy below which a dynamic layer effectively uses one kernel (uniform K=4: 1.39)."""
+
 
 def load_results(run_dir: Path) -> pd.DataFrame:
     """The results table of ``run_dir``; a clear error if it is not a dynas run directory."""
@@ -62,6 +65,7 @@ def write_report(run_dir: Path, top: int = 10) -> str:
         [
             f"# dynas run {run_dir.name}",
             "trials by state: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+            *_collapse_warning(frame),
             f"## Top {top} by validation top-1\n\n" + _markdown(ranked.head(top)),
             "## Pareto front (max val top-1, min MACs)\n\n" + _markdown(front),
             f"Plot: {png}",
@@ -69,6 +73,20 @@ def write_report(run_dir: Path, top: int = 10) -> str:
     )
     (run_dir / "report.md").write_text(text + "\n", encoding="utf-8")
     return text
+
+
+def _collapse_warning(frame: pd.DataFrame) -> list[str]:
+    """A warning when trained dynamic candidates ended with a layer's attention on one kernel."""
+    trained = frame[frame["state"].isin(["complete", "pruned"]) & frame["min_attention_entropy"].notna()]
+    collapsed = trained[trained["min_attention_entropy"] < COLLAPSED_NATS]
+    if collapsed.empty:
+        return []
+    return [
+        f"**Warning:** in {len(collapsed)} of {len(trained)} trained dynamic candidates some layer's "
+        f"attention collapsed onto one kernel (entropy < {COLLAPSED_NATS} nats; trials "
+        f"{', '.join(map(str, collapsed['trial'].tolist()))}). Such a layer acts as a static conv, so "
+        "the search under-rates dynamic blocks; a lower peak lr or a longer tau anneal usually helps."
+    ]
 
 
 def _markdown(frame: pd.DataFrame) -> str:

@@ -84,8 +84,17 @@ class ResultsTable:
         return rows
 
     def frame(self) -> pd.DataFrame:
-        """The table as a DataFrame (one row per finished trial, in finishing order)."""
-        return pd.DataFrame(self.records(), columns=COLUMNS)
+        """The table as a DataFrame (one row per finished trial, in finishing order).
+
+        ``min_attention_entropy`` (nats, derived): the lowest attention entropy of the trial's
+        dynamic layers at the end of training; near 0 means some layer's attention collapsed onto
+        one kernel (uniform over K kernels is ln K). NaN for static or untrained candidates.
+        """
+        frame = pd.DataFrame(self.records(), columns=COLUMNS)
+        frame["min_attention_entropy"] = frame["attention_entropy"].map(
+            lambda layers: min(layers.values()) if isinstance(layers, dict) and layers else math.nan
+        ).astype(float)
+        return frame
 
     def find_trained(self, arch_json: str, tau_start: float, anneal_fraction: float) -> dict | None:
         """The earliest completed trial with this architecture and temperature settings."""
