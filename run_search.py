@@ -412,7 +412,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dynas.builder import build_model
     from dynas.counting import closed_form_macs, closed_form_params
     from dynas.export import save_model
-    from dynas.temperature import dynamic_layers
+    from dynas.temperature import current_temperature
     from dynas.training import evaluate, train_candidate
 
     arch = _load_arch(args.arch)
@@ -429,7 +429,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     result = train_candidate(model, data, config, checkpoint_path=out / "checkpoint.pt")
     test_top1 = evaluate(model, data, "test", device=config.device)
-    tau = next((layer.temperature for _, layer in dynamic_layers(model)), config.tau_end)
+    tau = current_temperature(model, default=config.tau_end)  # where training's schedule ended
     save_model(out / "model.pt", model, arch, tau, mean=list(data.mean), std=list(data.std))
     metrics = {
         "arch": arch.to_str(),

@@ -33,7 +33,7 @@ from torch import nn
 from dynas.builder import build_model
 from dynas.errors import DynasError, did_you_mean
 from dynas.spec import ArchSpec
-from dynas.temperature import set_temperature
+from dynas.temperature import current_temperature, set_temperature
 
 __all__ = ["EXPORT_ATOL", "ExportedModel", "export_run", "load_model", "save_model", "select_trials"]
 
@@ -223,7 +223,7 @@ def _export_one(
         model, temperature = _retrain(arch, row, settings, data, retrain_epochs)
     else:
         model = load_model(_checkpoint_path(run_dir, row))
-        temperature = _temperature(model)
+        temperature = current_temperature(model)
     test_top1 = _test_top1(model, data)
     (folder / "arch.json").write_text(json.dumps(_arch_payload(arch), indent=2), encoding="utf-8")
     save_model(folder / "model.pt", model, arch, temperature, trial=int(row["trial"]), **_normalisation(data))
@@ -242,13 +242,6 @@ def _arch_payload(arch: ArchSpec) -> dict:
     from dynas import __version__
 
     return {"dynas_version": __version__, "arch": arch.to_dict(), "arch_str": arch.to_str()}
-
-
-def _temperature(model: nn.Module) -> float:
-    from dynas.temperature import dynamic_layers
-
-    layers = dynamic_layers(model)
-    return layers[0][1].temperature if layers else 1.0
 
 
 def _run_data(settings: dict, full_train: bool) -> Any:

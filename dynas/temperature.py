@@ -15,7 +15,7 @@ from torch import nn
 
 from dynas.ops import DynamicConv2d
 
-__all__ = ["LinearAnneal", "TemperatureSchedule", "dynamic_layers", "set_temperature"]
+__all__ = ["LinearAnneal", "TemperatureSchedule", "current_temperature", "dynamic_layers", "set_temperature"]
 
 TemperatureSchedule = Callable[[int], float]
 """Any callable mapping the optimizer step (0-based) to tau > 0 is a schedule."""
@@ -64,6 +64,12 @@ class LinearAnneal:
 def dynamic_layers(model: nn.Module) -> list[tuple[str, DynamicConv2d]]:
     """All :class:`DynamicConv2d` submodules of ``model`` with their qualified names."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DynamicConv2d)]
+
+
+def current_temperature(model: nn.Module, default: float = 1.0) -> float:
+    """The tau of ``model``'s dynamic layers (``default`` for a static model)."""
+    layers = dynamic_layers(model)
+    return float(layers[0][1].temperature) if layers else float(default)
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:

@@ -55,3 +55,15 @@ def test_set_temperature_on_every_dynamic_layer():
     assert all(layer.temperature == 7.5 for _, layer in dynamic_layers(model))
     with pytest.raises(ValueError, match="temperature"):
         set_temperature(model, 0)
+
+
+def test_current_temperature_reads_the_dynamic_layers_or_the_default():
+    from torch import nn
+
+    from dynas.ops import DynamicConv2d
+    from dynas.temperature import current_temperature, set_temperature
+
+    model = nn.Sequential(DynamicConv2d(4, 4, 3, padding=1), DynamicConv2d(4, 4, 1))
+    set_temperature(model, 7.5)
+    assert current_temperature(model) == 7.5
+    assert current_temperature(nn.Conv2d(4, 4, 1), default=2.0) == 2.0

@@ -26,7 +26,7 @@ from dynas.data import DataBundle
 from dynas.latency import measure_latency
 from dynas.search.results import ResultsTable, TrialRecord
 from dynas.spec import ArchSpec
-from dynas.temperature import dynamic_layers
+from dynas.temperature import current_temperature
 from dynas.training import NonFiniteLossError, TrainConfig, train_candidate
 
 __all__ = ["MAX_REJECTIONS_PER_TRIAL", "CandidateEvaluator", "EpochCallback", "SearchCounters"]
@@ -212,7 +212,7 @@ class CandidateEvaluator:
         tmp = path.with_suffix(".pt.tmp")
         # tau is not part of the state dict: keep the one training ended at, for inference.
         # the temperature training ended at (a custom or unfinished schedule may stop above tau_end)
-        tau = next((layer.temperature for _, layer in dynamic_layers(model)), self.train_config.tau_end)
+        tau = current_temperature(model, default=self.train_config.tau_end)
         payload = {"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial, "temperature": tau}
         torch.save(payload, tmp)
         tmp.replace(path)
