@@ -16,6 +16,12 @@ DY-MobileNetV2 x1.0 (K=4): inference <= 1.15x, training step <= 1.3x. Not in CI:
 On a CPU shared with other processes, ``--clock cpu`` (with ``OMP_WAIT_POLICY=PASSIVE`` in the
 environment, so idle OpenMP threads sleep instead of spinning) measures the CPU time the process
 used, which a burst of load from elsewhere barely changes; ``--clock wall`` (the default) is latency.
+
+``--floor`` adds, for inference, the two parts of the dynamic network that exact dynamic
+convolution cannot skip, each timed alone on the inputs its layers see in the network:
+``floor_aggregation`` (every layer mixing its K kernels, ``pi @ W``, which reads all of them) and
+``floor_attention`` (every layer's GAP -> FC -> ReLU -> FC -> softmax). Their ratios add up to a
+lower bound on the dynamic network's overhead over the static one, whatever the convolution costs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from _baseline import add_baseline_arg, use_baseline
 from _report import add_output_args, add_run_args, write_results
 from _timing import Timing, compare, set_threads
 from dynas.builder import build_model
+from dynas.ops import DynamicConv2d
 from dynas.presets import cifar_variant, get_preset
 
 #: (label, static preset, dynamic preset)
@@ -88,6 +95,31 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, fused: 
     return run
 
 
+def _floor(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The dynamic layers' kernel aggregation and attention, each alone (see ``--floor``)."""
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, DynamicConv2d)]
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: inputs.__setitem__(mod, args[0])) for m in layers]
+    with torch.inference_mode():
+        model(x)
+        pis = {m: m.attention(inputs[m], m.temperature) for m in layers}
+    for h in hooks:
+        h.remove()
+
+    def aggregation() -> None:
+        with torch.inference_mode():
+            for m in layers:
+                m.aggregate(pis[m])
+
+    def attention() -> None:
+        with torch.inference_mode():
+            for m in layers:
+                m.attention(inputs[m], m.temperature)
+
+    return {"floor_aggregation": aggregation, "floor_attention": attention}
+
+
 def bench_pair(static: str, dynamic: str, mode: str, args: argparse.Namespace) -> dict[str, Timing]:
     """Time static and dynamic networks, each contiguous and channels_last, side by side.
 
@@ -112,20 +144,23 @@ def bench_pair(static: str, dynamic: str, mode: str, args: argparse.Namespace) -
             use_baseline(model, args.baseline)
         xin = x.contiguous(memory_format=fmt)
         fns[name] = _train_step(model, xin, target, args.fused_sgd) if train else _inference(model, xin)
+        if args.floor and not train and name == "dynamic_cl":
+            fns.update(_floor(model, xin))
     return compare(fns, ["static", "static_cl"], rounds=args.rounds, warmup=args.warmup, clock=args.clock)
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    names = list(rows[0]["timings"]) if rows else []
+    names = list(dict.fromkeys(n for r in rows for n in r["timings"]))  # --floor: inference rows only
+    ratios = [n for n in names if not n.startswith("static")]
     head = "| network | mode | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(
-        f"{n} / static (best)" for n in names if not n.startswith("static")) + " |"
-    lines = [head, "|" + "---|" * (2 + len(names) + sum(not n.startswith("static") for n in names))]
+        f"{n} / static (best)" for n in ratios) + " |"
+    lines = [head, "|" + "---|" * (2 + len(names) + len(ratios))]
     for r in rows:
         t = r["timings"]
         lines.append(
             f"| {r['network']} | {r['mode']} | "
-            + " | ".join(f"{t[n]['median_ms']:.2f}" for n in names) + " | "
-            + " | ".join(f"{t[n]['ratio']:.3f}" for n in names if not n.startswith("static")) + " |"
+            + " | ".join(f"{t[n]['median_ms']:.2f}" if n in t else "" for n in names) + " | "
+            + " | ".join(f"{t[n]['ratio']:.3f}" if n in t else "" for n in ratios) + " |"
         )
     return "\n".join(lines)
 
@@ -143,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--cifar-variant", action="store_true",
                       help="train the CIFAR variant (stem stride 1, 10 classes) instead of the preset")
     what.add_argument("--fused-sgd", action="store_true", help="train with SGD(fused=True), not the for-loop SGD")
+    what.add_argument("--floor", action="store_true",
+                      help="also time the dynamic network's kernel aggregation and attention alone (inference)")
     add_baseline_arg(what)
     add_output_args(p)
     return p

@@ -89,9 +89,13 @@ class KernelAttention(nn.Module):
         self.fc2 = nn.Linear(hidden, num_kernels, **factory)
 
     def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        # x: (B, Cin, H, W) -> pi: (B, K)
-        pooled = x.mean(dim=(2, 3))
-        logits = self.fc2(F.relu(self.fc1(pooled))) / temperature
+        # x: (B, Cin, H, W) -> pi: (B, K). The 1/tau is folded into the second matmul's
+        # scalars: a dynamic layer runs many small ops, and at batch 1 their count, not their
+        # arithmetic, is much of what it costs (benchmarks/README.md).
+        pooled = x.mean(dim=(2, 3))  # (B, Cin)
+        hidden = torch.addmm(self.fc1.bias, pooled, self.fc1.weight.t()).relu_()  # (B, hidden)
+        inv_tau = 1.0 / temperature
+        logits = torch.addmm(self.fc2.bias, hidden, self.fc2.weight.t(), beta=inv_tau, alpha=inv_tau)
         if self.attention == "softmax":
             return torch.softmax(logits, dim=1)
         return torch.sigmoid(logits)
@@ -263,9 +267,10 @@ class DynamicConv2d(nn.Module):
             )
         pi = self.attention(x, self.temperature)  # (B, K)
         self.last_attention = pi.detach()
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            # A traced graph must not bake the batch size into `groups` (ONNX's Conv has a
-            # static group count), so tracing uses the batch-agnostic matmul formulation.
+        if torch.jit.is_tracing():
+            # Tracing (torch.jit.trace, the TorchScript ONNX exporter, fvcore) must not bake the
+            # batch size into `groups` (ONNX's Conv has a static group count), so it uses the
+            # batch-agnostic matmul formulation.
             return self._conv_matmul(x, *self.aggregate(pi))
         if self._pointwise:
             if x.shape[2] * x.shape[3] <= self.mix_max_pixels:
