@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--enqueue", default=None, help="optuna: JSON file of choice dicts to evaluate first (a dict or a list)")
     out = search.add_argument_group("output")
     out.add_argument("--run-dir", default="runs/default", help="where results, study and weights go")
-    out.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite file in run dir)")
+    out.add_argument("--storage", default=None,
+                     help="Optuna storage: a URL (sqlite:///study.db, postgresql://...) or a journal file path "
+                          "(default: RUN_DIR/study.log)")
     out.add_argument("--study-name", default=None, help="default: the run directory's name")
     out.add_argument("--heartbeat-interval", type=_positive_int, default=60, help="seconds between a worker's heartbeats")
     out.add_argument("--grace-period", type=_positive_int, default=None, help="seconds without heartbeat before a trial is failed and retried (default: 2 intervals)")
@@ -251,6 +253,12 @@ def _fmt(n: float) -> str:
 # ----------------------------------------------------------------------------- commands
 
 
+def _default_storage(run_dir: Path) -> str:
+    """The run directory's journal file, or its SQLite study (the earlier default) if it has one: resume it."""
+    legacy = run_dir / "study.db"
+    return f"sqlite:///{legacy.as_posix()}" if legacy.is_file() else str(run_dir / "study.log")
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from dynas.budget import Budget, ensure_feasible
     from dynas.search.evaluate import CandidateEvaluator
@@ -279,7 +287,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.engine == "optuna":
         from dynas.search.optuna_engine import make_storage, run_optuna_search
 
-        url = args.storage or f"sqlite:///{(run_dir / 'study.db').as_posix()}"
+        url = args.storage or _default_storage(run_dir)
         run_optuna_search(
             space,
             evaluator,

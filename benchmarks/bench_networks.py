@@ -22,6 +22,8 @@ convolution cannot skip, each timed alone on the inputs its layers see in the ne
 ``floor_aggregation`` (every layer mixing its K kernels, ``pi @ W``, which reads all of them) and
 ``floor_attention`` (every layer's GAP -> FC -> ReLU -> FC -> softmax). Their ratios add up to a
 lower bound on the dynamic network's overhead over the static one, whatever the convolution costs.
+``--compile`` adds both networks (channels_last) under ``torch.compile`` for inference; the
+compiled static network then is the reference too (compiling takes about a minute per network).
 """
 
 from __future__ import annotations
@@ -146,7 +148,11 @@ def bench_pair(static: str, dynamic: str, mode: str, args: argparse.Namespace) -
         fns[name] = _train_step(model, xin, target, args.fused_sgd) if train else _inference(model, xin)
         if args.floor and not train and name == "dynamic_cl":
             fns.update(_floor(model, xin))
-    return compare(fns, ["static", "static_cl"], rounds=args.rounds, warmup=args.warmup, clock=args.clock)
+        if args.compile and not train and name in ("static_cl", "dynamic_cl"):
+            fns[name + "_compiled"] = _inference(torch.compile(model), xin)
+            fns[name + "_compiled"]()  # compiles here, not in a timed round
+    reference = ["static", "static_cl"] + (["static_cl_compiled"] if args.compile and not train else [])
+    return compare(fns, reference, rounds=args.rounds, warmup=args.warmup, clock=args.clock)
 
 
 def _table(rows: list[dict[str, object]]) -> str:
@@ -178,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--cifar-variant", action="store_true",
                       help="train the CIFAR variant (stem stride 1, 10 classes) instead of the preset")
     what.add_argument("--fused-sgd", action="store_true", help="train with SGD(fused=True), not the for-loop SGD")
+    what.add_argument("--compile", action="store_true",
+                      help="also time both networks under torch.compile (inference; the compiled static one is a reference)")
     what.add_argument("--floor", action="store_true",
                       help="also time the dynamic network's kernel aggregation and attention alone (inference)")
     add_baseline_arg(what)

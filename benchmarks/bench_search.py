@@ -6,10 +6,11 @@ time with the sum of the results table's ``train_seconds`` (training and validat
 every candidate). The rest is overhead: loading data, sampling, budget checks, building models,
 the Optuna study, checkpoints, the results table. Goal: at most 5%. Not in CI::
 
-    python benchmarks/bench_search.py --trials 4 --out search.json --md search.md
+    python benchmarks/bench_search.py --out search.json --md search.md
 
-The first trial also pays one-off costs (imports of Optuna and pandas, loading the data), so
-the share falls as ``--trials`` grows; the default job runs 12.
+The first trial also pays one-off costs (imports of Optuna and pandas, loading the data, torch's
+first optimizer importing ``torch._dynamo``), so the share falls as ``--trials`` grows; the
+default (12) is the default job's.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_argument_group("what")
     what.add_argument("--config", type=Path, default=run_search.DEFAULT_CONFIG,
                       help="search config (default: the README's default job)")
-    what.add_argument("--trials", type=int, default=4, help="trained trials (default 4)")
+    what.add_argument("--trials", type=int, default=12, help="trained trials (default 12, the default job's)")
     what.add_argument("--epochs", type=int, default=None, help="epochs per candidate (default: the config's)")
     add_output_args(p)
     return p

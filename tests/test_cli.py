@@ -33,7 +33,7 @@ def _search(tmp_path, *extra: str) -> list[str]:
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["--max-macs", "5M", "--storage", "study.db"], "`storage` must be an Optuna storage URL"),
+        (["--max-macs", "5M", "--storage", "/no/such/folder/study.log"], "`storage` '/no/such/folder/study.log' is a journal file path, but its folder '/no/such/folder' does not exist"),
         (["--max-macs", "5M", "--storage", "postgresql://dynas@127.0.0.1:1/none"], "cannot open storage 'postgresql://dynas@127.0.0.1:1/none'"),
         (["--max-macs=0"], "argument --max-macs: a count must be > 0, but got '0'"),
         (["--max-macs=-5M"], "argument --max-macs: a count must be > 0, but got '-5M'"),

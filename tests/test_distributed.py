@@ -1,7 +1,8 @@
-"""Many workers on one Optuna study in a real PostgreSQL server; crashes, interrupts, resume.
+"""Many workers on one Optuna study, in a real PostgreSQL server and in a journal file (the
+default storage); crashes, interrupts, resume.
 
 CI (.ci/run) starts a throw-away server and exports DYNAS_TEST_POSTGRES_URL; locally run
-``source .ci/postgres.sh && pg_start`` first, or these tests skip.
+``source .ci/postgres.sh && pg_start`` first, or the PostgreSQL cases skip.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def postgres_url() -> str:
     return url
 
 
+@pytest.fixture(params=["postgresql", "journal"])
+def storage_url(request, tmp_path) -> str:
+    if request.param == "journal":
+        return str(tmp_path / "study.log")
+    return request.getfixturevalue("postgres_url")
+
+
 def _worker(run_dir: Path, url: str, study: str, trials: int, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "run_search.py"), "worker", "--storage", url, "--study-name", study,
            "--run-dir", str(run_dir), "--trials", str(trials), *TINY, *extra]
@@ -76,13 +84,13 @@ def _wait_for(predicate, timeout: float = 120, poll: float = 0.2) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def test_three_workers_complete_exactly_n_trials(tmp_path, postgres_url):
+def test_three_workers_complete_exactly_n_trials(tmp_path, storage_url):
     name, n = f"w3-{uuid.uuid4().hex[:8]}", 7
     run_dir = tmp_path / "run"
-    procs = [_worker(run_dir, postgres_url, name, n) for _ in range(3)]
+    procs = [_worker(run_dir, storage_url, name, n) for _ in range(3)]
     for proc in procs:
         _finish(proc)
-    study = _study(postgres_url, name)
+    study = _study(storage_url, name)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert sum(t.user_attrs.get("state") != "rejected" for t in finished) == n  # rejections do not count
     table = _table(run_dir)
@@ -92,19 +100,19 @@ def test_three_workers_complete_exactly_n_trials(tmp_path, postgres_url):
     assert table["trial"].is_unique
 
 
-def test_killed_worker_trial_is_failed_and_retried(tmp_path, postgres_url):
+def test_killed_worker_trial_is_failed_and_retried(tmp_path, storage_url):
     name, n = f"kill-{uuid.uuid4().hex[:8]}", 3
     run_dir = tmp_path / "run"
     # Long enough trials that the kill lands mid-training.
-    victim = _worker(run_dir, postgres_url, name, n, "--max-steps-per-epoch", "40", "--epochs", "3")
-    _wait_for(lambda: _has_running(postgres_url, name))
+    victim = _worker(run_dir, storage_url, name, n, "--max-steps-per-epoch", "40", "--epochs", "3")
+    _wait_for(lambda: _has_running(storage_url, name))
     time.sleep(1.0)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    killed = [t.number for t in _study(postgres_url, name).get_trials(states=(TrialState.RUNNING,))]
+    killed = [t.number for t in _study(storage_url, name).get_trials(states=(TrialState.RUNNING,))]
     assert killed, "the worker was killed outside a trial"
-    _finish(_worker(run_dir, postgres_url, name, n))
-    study = _study(postgres_url, name)
+    _finish(_worker(run_dir, storage_url, name, n))
+    study = _study(storage_url, name)
     assert len(_counted(study)) == n
     trials = {t.number: t for t in study.get_trials()}
     assert trials[killed[0]].state == TrialState.FAIL
@@ -126,22 +134,22 @@ def _has_running(url: str, name: str) -> bool:
         return False
 
 
-def test_interrupt_then_rerun_does_not_rerun_finished_trials(tmp_path, postgres_url):
+def test_interrupt_then_rerun_does_not_rerun_finished_trials(tmp_path, storage_url):
     name, n = f"int-{uuid.uuid4().hex[:8]}", 4
     run_dir = tmp_path / "run"
     slow = ("--max-steps-per-epoch", "30", "--epochs", "3")
-    proc = _worker(run_dir, postgres_url, name, n, *slow)
+    proc = _worker(run_dir, storage_url, name, n, *slow)
     # Interrupt mid-training: a running trial that has reported its first epoch.
-    _wait_for(lambda: _finished_count(postgres_url, name) >= 1 and _running_trained(postgres_url, name))
+    _wait_for(lambda: _finished_count(storage_url, name) >= 1 and _running_trained(storage_url, name))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     assert "rerun the same command to continue" in out
-    before = {t.number: t.datetime_complete for t in _study(postgres_url, name).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
+    before = {t.number: t.datetime_complete for t in _study(storage_url, name).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
     table = _table(run_dir)
     assert "interrupted" in set(table["state"])
-    _finish(_worker(run_dir, postgres_url, name, n, *slow))  # the same command again
-    study = _study(postgres_url, name)
+    _finish(_worker(run_dir, storage_url, name, n, *slow))  # the same command again
+    study = _study(storage_url, name)
     after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))}
     assert len(_counted(study)) == n
     assert all(after[k] == v for k, v in before.items())  # finished trials untouched

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 import dynas.search.evaluate as evaluate_module
 from dynas.budget import Budget
@@ -11,7 +13,13 @@ from dynas.counting import closed_form_macs
 from dynas.data import load_data
 from dynas.errors import DynasError
 from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
-from dynas.search.optuna_engine import make_pruner, make_sampler, make_storage, run_optuna_search
+from dynas.search.optuna_engine import (
+    RANDOM_STARTUP_TRIALS,
+    make_pruner,
+    make_sampler,
+    make_storage,
+    run_optuna_search,
+)
 from dynas.search.results import ResultsTable, pareto_front
 from dynas.training import TrainConfig
 from search_spaces import get_space
@@ -61,27 +69,30 @@ def test_tpe_search_never_trains_over_budget_and_resumes(tmp_path, data, space, 
     evaluator = _evaluator(tmp_path, data, median_macs)
     study = _run(evaluator, space, tmp_path, 8, sampler="tpe", pruner="none")
     table = evaluator.results.frame()
-    # rejections cost no training, so they do not count towards the 8 trials
-    assert (table["state"] != "rejected").sum() == 8 and table["trial"].is_unique
+    # TPE's random start-up trials are drawn within the budget: about half of uniform proposals
+    # would break it, none of these does.
+    assert 8 <= RANDOM_STARTUP_TRIALS and (table["state"] != "rejected").all()
+    assert len(table) == len(study.trials) == 8 and table["trial"].is_unique
+
+    # Rerunning the same search resumes: nothing new to do, then more trials on request, the
+    # last ones proposed by TPE itself; rejections cost no training and do not count as trials.
+    again = _evaluator(tmp_path, data, median_macs)
+    assert len(_run(again, space, tmp_path, 8, sampler="tpe", pruner="none").trials) == 8
+    assert again.counters.proposed == 0
+    study = _run(again, space, tmp_path, RANDOM_STARTUP_TRIALS + 4, sampler="tpe", pruner="none")
+    table = again.results.frame()
+    assert (table["state"] != "rejected").sum() == RANDOM_STARTUP_TRIALS + 4 and table["trial"].is_unique
     trained = table[table["state"].isin(["complete", "pruned", "failed"])]
     rejected = table[table["state"] == "rejected"]
     assert (trained["macs"] <= median_macs).all()
     assert (rejected["macs"] > median_macs).all() and (rejected["train_seconds"] == 0).all()
     assert built and max(built) <= median_macs
-    assert len(built) == evaluator.counters.trained + evaluator.counters.failed
-    assert evaluator.counters.rejected == len(rejected)
+    assert len(built) == evaluator.counters.trained + again.counters.trained + again.counters.failed
+    assert again.counters.rejected == len(rejected)
     assert len(study.trials) == len(table)
     # the sampler was told about violations
     for t in study.trials:
         assert (t.system_attrs["constraints:macs"] > 0) == (t.user_attrs["state"] == "rejected")
-
-    # Rerunning the same search resumes: nothing new to do, then two more trials on request.
-    again = _evaluator(tmp_path, data, median_macs)
-    assert len(_run(again, space, tmp_path, 8, sampler="tpe", pruner="none").trials) == len(table)
-    assert again.counters.proposed == 0
-    _run(again, space, tmp_path, 10, sampler="tpe", pruner="none")
-    table = again.results.frame()
-    assert (table["state"] != "rejected").sum() == 10 and table["trial"].is_unique
 
 
 def test_nsga2_multi_objective_pareto(tmp_path, data, space, median_macs, built):
@@ -138,7 +149,6 @@ def test_grid_refuses_huge_space(space):
 @pytest.mark.parametrize(
     "url,match",
     [
-        ("study.db", r"`storage` must be an Optuna storage URL .* but got storage='study.db'"),
         ("postgresql://u:secret@127.0.0.1:1/db", r"cannot open storage 'postgresql://u:\*\*\*@127.0.0.1:1/db'"),
         ("nosuchdb://x/y", r"cannot open storage 'nosuchdb://x/y'"),
     ],
@@ -146,6 +156,43 @@ def test_grid_refuses_huge_space(space):
 def test_bad_storage_urls(url, match):
     with pytest.raises(DynasError, match=match):
         make_storage(url)
+
+
+def test_bad_journal_paths(tmp_path):
+    with pytest.raises(DynasError, match=r"`storage` must be a URL or the path of a journal file, .* a directory"):
+        make_storage(str(tmp_path))
+    with pytest.raises(DynasError, match=r"is a journal file path, but its folder .*nowhere' does not exist"):
+        make_storage(str(tmp_path / "nowhere" / "study.log"))
+    sqlite = tmp_path / "study.db"
+    make_storage(f"sqlite:///{sqlite}")  # creates the database
+    with pytest.raises(DynasError, match=r"is a SQLite database; give it as a URL: storage='sqlite:///.*study.db'"):
+        make_storage(str(sqlite))
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a journal\n")
+    with pytest.raises(DynasError, match=r"`storage` '.*notes.txt' is not an Optuna journal file"):
+        make_storage(str(garbage))
+
+
+def test_journal_file_storage_fails_and_retries_a_dead_workers_trial(tmp_path):
+    """A trial whose heartbeat stopped is failed after the grace period and its parameters re-queued."""
+    path = str(tmp_path / "study.log")
+    study = optuna.create_study(storage=make_storage(path, heartbeat_interval=1, grace_period=1), study_name="s")
+    dead = study.ask()
+    dead.suggest_categorical("k", [3, 5])
+    study._storage.record_heartbeat(dead._trial_id)
+    live = study.ask()
+    study._storage.record_heartbeat(live._trial_id)
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2  # within the grace period
+    time.sleep(1.2)
+    study._storage.record_heartbeat(live._trial_id)
+    # Another process (a rerun) opens the same file and finds the dead trial.
+    other = optuna.load_study(storage=make_storage(path, heartbeat_interval=1, grace_period=1), study_name="s")
+    optuna.storages.fail_stale_trials(other)
+    states = [t.state for t in other.trials]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert other.trials[2].params == dead.params  # re-queued with the dead trial's parameters
+    assert other.trials[2].system_attrs["failed_trial"] == dead.number
 
 
 def test_random_sampler_reproducible(tmp_path, data, space):
