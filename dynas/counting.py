@@ -119,7 +119,7 @@ class UnsupportedOpError(DynasError):
 
 
 def _reduction_macs(inputs: list[Any], outputs: list[Any]) -> int:
-    """One add per input element: the cost of a global average pool written as ``x.mean()``."""
+    """One add per input element: a global average pool written as ``x.mean()`` or ``x.sum() / n``."""
     return int(torch.Size(inputs[0].type().sizes()).numel())
 
 
@@ -144,6 +144,7 @@ COUNTED_OPS: Mapping[str, Handle] = MappingProxyType(
         "aten::einsum": einsum_flop_jit,
         "aten::adaptive_avg_pool2d": elementwise_flop_counter(1, 0),
         "aten::mean": _reduction_macs,
+        "aten::sum": _reduction_macs,  # DynamicConv2d's attention pools as x.sum() / (H * W)
     }
 )
 

@@ -92,7 +92,9 @@ class KernelAttention(nn.Module):
         # x: (B, Cin, H, W) -> pi: (B, K). The 1/tau is folded into the second matmul's
         # scalars: a dynamic layer runs many small ops, and at batch 1 their count, not their
         # arithmetic, is much of what it costs (benchmarks/README.md).
-        pooled = x.mean(dim=(2, 3))  # (B, Cin)
+        # (B, Cin). Not x.mean: its backward writes a full-size (B, Cin, H, W) gradient and then
+        # adds it to x's; the sum's is a broadcast view, added in the same single pass.
+        pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
         hidden = torch.addmm(self.fc1.bias, pooled, self.fc1.weight.t()).relu_()  # (B, hidden)
         inv_tau = 1.0 / temperature
         logits = torch.addmm(self.fc2.bias, hidden, self.fc2.weight.t(), beta=inv_tau, alpha=inv_tau)

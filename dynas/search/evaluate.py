@@ -210,8 +210,8 @@ class CandidateEvaluator:
         path = self.results.run_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".pt.tmp")
-        # tau is not part of the state dict: keep the one training ended at, for inference.
-        # the temperature training ended at (a custom or unfinished schedule may stop above tau_end)
+        # tau is not part of the state dict: keep the one training ended at, for inference (a
+        # custom or unfinished schedule may stop above tau_end).
         tau = current_temperature(model, default=self.train_config.tau_end)
         payload = {"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial, "temperature": tau}
         torch.save(payload, tmp)

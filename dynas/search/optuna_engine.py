@@ -39,7 +39,17 @@ except ImportError as err:  # pragma: no cover - optuna is a core dependency
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OBJECTIVES", "PRUNERS", "SAMPLERS", "JournalFileStorage", "make_pruner", "make_sampler", "make_storage", "run_optuna_search"]
+__all__ = [
+    "OBJECTIVES",
+    "PRUNERS",
+    "RANDOM_STARTUP_TRIALS",
+    "SAMPLERS",
+    "JournalFileStorage",
+    "make_pruner",
+    "make_sampler",
+    "make_storage",
+    "run_optuna_search",
+]
 
 SAMPLERS = ("tpe", "random", "nsga2", "gp", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -49,7 +59,7 @@ OBJECTIVES = {
 }
 _GRID_LIMIT = 10_000
 #: TPE and GP draw their first trials at random; dynas draws them within the budget (see
-#: ``_enqueue_feasible_startup``). The random sampler draws every trial at random.
+#: ``_FeasibleStartup``). The random sampler draws every trial at random.
 RANDOM_STARTUP_TRIALS = 10
 _STARTUP = {"tpe": RANDOM_STARTUP_TRIALS, "gp": RANDOM_STARTUP_TRIALS, "random": math.inf}
 
