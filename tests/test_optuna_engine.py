@@ -15,6 +15,7 @@ from dynas.errors import DynasError
 from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
 from dynas.search.optuna_engine import (
     RANDOM_STARTUP_TRIALS,
+    _FeasibleStartup,
     make_pruner,
     make_sampler,
     make_storage,
@@ -222,3 +223,16 @@ def test_median_pruner_waits_for_half_the_epochs(epochs, first_prunable):
         trial.report(10.0, epoch)
         verdicts.append(trial.should_prune())
     assert verdicts.index(True) + 1 == first_prunable
+
+
+def test_startup_too_tight_for_uniform_draws_is_left_to_the_sampler(tmp_path, data, space):
+    """At the smallest architecture's cost uniform draws never fit: proposals come from Optuna again."""
+    evaluator = _evaluator(tmp_path, data, closed_form_macs(space.smallest()))
+    study = optuna.create_study(storage=make_storage(str(tmp_path / "study.log")), study_name="s")
+    startup = _FeasibleStartup(space, evaluator, RANDOM_STARTUP_TRIALS, seed=0)
+    startup.enqueue(study)
+    assert startup.trials == 0 and study.trials == []
+    feasible = _FeasibleStartup(space, _evaluator(tmp_path, data, 10**12), RANDOM_STARTUP_TRIALS, seed=0)
+    feasible.enqueue(study)
+    assert [t.state for t in study.trials] == [TrialState.WAITING]
+    assert space.decode(study.trials[0].system_attrs["fixed_params"])  # a whole candidate of the space
