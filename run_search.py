@@ -277,6 +277,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     ensure_feasible(space, budget)  # before any training
     for params in enqueued:
         space.decode(params)  # a bad label or value (e.g. K outside the space) fails here
+    storage = None
+    if args.engine == "optuna":  # a bad --storage fails before the trial bar appears
+        from dynas.search.optuna_engine import make_storage, run_optuna_search
+
+        url = args.storage or _default_storage(run_dir)
+        storage = make_storage(url, args.heartbeat_interval, args.grace_period)
     write_resolved(args, run_dir / "config.yaml")
     results = ResultsTable(run_dir)
     progress = _TrialProgress(args.trials, quiet=args.quiet)
@@ -285,14 +291,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         budget, data, _train_config(args, quiet=True), results, keep_weights=args.keep_weights, on_record=progress.update
     )
     if args.engine == "optuna":
-        from dynas.search.optuna_engine import make_storage, run_optuna_search
-
-        url = args.storage or _default_storage(run_dir)
         run_optuna_search(
             space,
             evaluator,
             n_trials=args.trials,
-            storage=make_storage(url, args.heartbeat_interval, args.grace_period),
+            storage=storage,
             study_name=args.study_name or run_dir.name,
             sampler=args.sampler,
             pruner=args.pruner,
