@@ -89,14 +89,12 @@ class KernelAttention(nn.Module):
         self.fc2 = nn.Linear(hidden, num_kernels, **factory)
 
     def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        # x: (B, Cin, H, W) -> pi: (B, K). The 1/tau is folded into the second matmul's
-        # scalars: a dynamic layer runs many small ops, and at batch 1 their count, not their
-        # arithmetic, is much of what it costs (benchmarks/README.md).
-        # (B, Cin). Not x.mean: its backward writes a full-size (B, Cin, H, W) gradient and then
-        # adds it to x's; the sum's is a broadcast view, added in the same single pass.
-        pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
+        # x: (B, Cin, H, W) -> pi: (B, K).
+        # GAP as a sum, not x.mean: mean's backward writes a full-size (B, Cin, H, W) gradient
+        # and then adds it to x's; the sum's is a broadcast view, added in one pass.
+        pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])  # (B, Cin)
         hidden = torch.addmm(self.fc1.bias, pooled, self.fc1.weight.t()).relu_()  # (B, hidden)
-        inv_tau = 1.0 / temperature
+        inv_tau = 1.0 / temperature  # folded into the matmul's scalars: one op fewer per layer
         logits = torch.addmm(self.fc2.bias, hidden, self.fc2.weight.t(), beta=inv_tau, alpha=inv_tau)
         if self.attention == "softmax":
             return torch.softmax(logits, dim=1)
