@@ -19,7 +19,7 @@ from typing import Any
 
 from _timing import CLOCKS, environment
 
-__all__ = ["add_output_args", "add_run_args", "write_results"]
+__all__ = ["add_output_args", "add_run_args", "markdown_table", "write_results"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +39,13 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, help="write the results as JSON here")
     out.add_argument("--md", type=Path, help="write the results as a markdown table here")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table of already formatted cells (``str()`` of each)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _commit() -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from _report import add_output_args, write_results
+from _report import add_output_args, markdown_table, write_results
 from _timing import set_threads
 from dynas.counting import closed_form_macs, count_macs
 from dynas.spec import ArchSpec
@@ -58,16 +58,12 @@ def bench_space(name: str, args: argparse.Namespace) -> dict[str, object]:
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    lines = [
-        "| space | input | samples | closed form arch/s | fvcore arch/s | speedup | counts differ |",
-        "|" + "---|" * 7,
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['space']} | {r['input_size']} | {r['samples']} | {r['closed_form_archs_per_s']:,.0f} | "
-            f"{r['fvcore_archs_per_s']:.2f} | {r['speedup']:,.0f}x | {r['mismatches']} |"
-        )
-    return "\n".join(lines)
+    header = ["space", "input", "samples", "closed form arch/s", "fvcore arch/s", "speedup", "counts differ"]
+    return markdown_table(header, [
+        [r["space"], r["input_size"], r["samples"], f"{r['closed_form_archs_per_s']:,.0f}",
+         f"{r['fvcore_archs_per_s']:.2f}", f"{r['speedup']:,.0f}x", r["mismatches"]]
+        for r in rows
+    ])
 
 
 def _parser() -> argparse.ArgumentParser:

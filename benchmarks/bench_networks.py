@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _baseline import add_baseline_arg, use_baseline
-from _report import add_output_args, add_run_args, write_results
+from _report import add_output_args, add_run_args, markdown_table, write_results
 from _timing import Timing, compare, set_threads
 from dynas.builder import build_model
 from dynas.ops import DynamicConv2d
@@ -158,17 +158,16 @@ def bench_pair(static: str, dynamic: str, mode: str, args: argparse.Namespace) -
 def _table(rows: list[dict[str, object]]) -> str:
     names = list(dict.fromkeys(n for r in rows for n in r["timings"]))  # --floor: inference rows only
     ratios = [n for n in names if not n.startswith("static")]
-    head = "| network | mode | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(
-        f"{n} / static (best)" for n in ratios) + " |"
-    lines = [head, "|" + "---|" * (2 + len(names) + len(ratios))]
-    for r in rows:
-        t = r["timings"]
-        lines.append(
-            f"| {r['network']} | {r['mode']} | "
-            + " | ".join(f"{t[n]['median_ms']:.2f}" if n in t else "" for n in names) + " | "
-            + " | ".join(f"{t[n]['ratio']:.3f}" if n in t else "" for n in ratios) + " |"
-        )
-    return "\n".join(lines)
+    header = ["network", "mode", *(f"{n} ms" for n in names), *(f"{n} / static (best)" for n in ratios)]
+
+    def cell(timings: dict, name: str, key: str, fmt: str) -> str:
+        return format(timings[name][key], fmt) if name in timings else ""
+
+    return markdown_table(header, [
+        [r["network"], r["mode"], *(cell(r["timings"], n, "median_ms", ".2f") for n in names),
+         *(cell(r["timings"], n, "ratio", ".3f") for n in ratios)]
+        for r in rows
+    ])
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from _baseline import add_baseline_arg, use_baseline
-from _report import add_output_args, add_run_args, write_results
+from _report import add_output_args, add_run_args, markdown_table, write_results
 from _timing import compare, set_threads
 from dynas.builder import build_model
 from dynas.ops import DynamicConv2d
@@ -122,18 +122,12 @@ def bench_shape(shape: ConvShape, batch: int, train: bool, args: argparse.Namesp
 
 def _table(rows: list[dict[str, object]]) -> str:
     ratios = [n for n in (rows[0]["timings"] if rows else []) if not n.startswith("static")]
-    lines = [
-        "| op | batch | mode | static ms | static_cl ms | "
-        + " | ".join(f"{n} / static (best)" for n in ratios) + " |",
-        "|" + "---|" * (5 + len(ratios)),
-    ]
-    for r in rows:
-        t = r["timings"]
-        lines.append(
-            f"| {r['op']} | {r['batch']} | {r['mode']} | {t['static']['median_ms']:.3f} | "
-            f"{t['static_cl']['median_ms']:.3f} | " + " | ".join(f"{t[n]['ratio']:.2f}" for n in ratios) + " |"
-        )
-    return "\n".join(lines)
+    header = ["op", "batch", "mode", "static ms", "static_cl ms", *(f"{n} / static (best)" for n in ratios)]
+    return markdown_table(header, [
+        [r["op"], r["batch"], r["mode"], f"{r['timings']['static']['median_ms']:.3f}",
+         f"{r['timings']['static_cl']['median_ms']:.3f}", *(f"{r['timings'][n]['ratio']:.2f}" for n in ratios)]
+        for r in rows
+    ])
 
 
 def _parser() -> argparse.ArgumentParser:

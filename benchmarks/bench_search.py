@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 import run_search
-from _report import add_output_args, write_results
+from _report import add_output_args, markdown_table, write_results
 
 GOAL = 0.05
 
@@ -59,17 +59,12 @@ def run(args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    lines = [
-        "| trained / proposed | wall s | training s | overhead s | overhead share | goal <= 5% |",
-        "|" + "---|" * 6,
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['trained']} / {r['proposed']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | "
-            f"{r['overhead_s']:.1f} | {r['overhead_share']:.1%} | "
-            f"{'met' if r['overhead_share'] <= GOAL else 'missed'} |"
-        )
-    return "\n".join(lines)
+    header = ["trained / proposed", "wall s", "training s", "overhead s", "overhead share", "goal <= 5%"]
+    return markdown_table(header, [
+        [f"{r['trained']} / {r['proposed']}", f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}", f"{r['overhead_s']:.1f}",
+         f"{r['overhead_share']:.1%}", "met" if r["overhead_share"] <= GOAL else "missed"]
+        for r in rows
+    ])
 
 
 def _parser() -> argparse.ArgumentParser:
