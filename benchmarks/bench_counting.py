@@ -19,9 +19,10 @@ import torch
 
 from _report import add_output_args, markdown_table, write_results
 from _timing import set_threads
-from dynas.counting import closed_form_macs, count_macs
+from dynas.cost import closed_form_macs
+from dynas.counting import count_macs
 from dynas.spec import ArchSpec
-from search_spaces import get_space, list_spaces
+from dynas.spaces import get_space, list_spaces
 
 
 def _per_second(count: Callable[[ArchSpec], int], archs: list[ArchSpec], min_seconds: float) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-import run_search
+from dynas.cli import DEFAULT_CONFIG, main
 from _report import add_output_args, markdown_table, write_results
 
 GOAL = 0.05
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
     if args.epochs is not None:
         search_argv += ["--epochs", str(args.epochs)]
     start = time.perf_counter()
-    code = run_search.main(search_argv)
+    code = main(search_argv)
     wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"the search exited with {code}; arguments: {search_argv}")
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     run_group = p.add_argument_group("run")
     run_group.add_argument("--threads", type=int, default=2, help="torch threads of the search (default 2)")
     what = p.add_argument_group("what")
-    what.add_argument("--config", type=Path, default=run_search.DEFAULT_CONFIG,
+    what.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                       help="search config (default: the README's default job)")
     what.add_argument("--trials", type=int, default=12, help="trained trials (default 12, the default job's)")
     what.add_argument("--epochs", type=int, default=None, help="epochs per candidate (default: the config's)")

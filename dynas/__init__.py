@@ -1,7 +1,12 @@
 """dynas: neural architecture search with dynamic convolution.
 
+The front door, as timm's and Optuna's::
+
+    model = dynas.create_model("dy_mobilenetv2_050_cifar")          # presets, arch strings, arch.json, model.pt
+    result = dynas.search("mobile_cifar", max_macs=5e6, data=data)  # -> SearchResult (.frame, .best)
+
 The light parts (operator, spec, builder, presets, temperature schedule) import eagerly; the
-parts that pull fvcore, pandas or the data loaders import on first use.
+parts that pull fvcore, pandas, Optuna or the data loaders import on first use.
 """
 
 from __future__ import annotations
@@ -19,17 +24,25 @@ from dynas.temperature import LinearAnneal, dynamic_layers, set_temperature
 __version__ = "0.1.0"
 
 _LAZY = {
+    "create_model": "dynas.models",
+    "list_models": "dynas.models",
+    "load_model": "dynas.models",
+    "save_model": "dynas.models",
+    "search": "dynas.study",
+    "SearchResult": "dynas.study",
+    "SearchSpace": "dynas.spaces",
+    "get_space": "dynas.spaces",
+    "list_spaces": "dynas.spaces",
+    "register_space": "dynas.spaces",
     "Budget": "dynas.budget",
-    "closed_form_macs": "dynas.counting",
-    "closed_form_params": "dynas.counting",
+    "closed_form_macs": "dynas.cost",
+    "closed_form_params": "dynas.cost",
     "count_macs": "dynas.counting",
     "measure_latency": "dynas.latency",
     "load_data": "dynas.data",
     "TrainConfig": "dynas.training",
     "train_candidate": "dynas.training",
     "evaluate": "dynas.training",
-    "load_model": "dynas.export",
-    "save_model": "dynas.export",
 }
 
 __all__ = [

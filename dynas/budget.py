@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dynas.counting import closed_form_macs, closed_form_params, format_count
+from dynas.cost import closed_form_macs, closed_form_params, format_count
 from dynas.errors import DynasError
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ Every conv is followed by BatchNorm and has no bias (as in MobileNet). A conv is
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynas.ops import DynamicConv2d
-from dynas.spec import ArchSpec, BlockSpec, make_divisible
+from dynas.spec import ArchSpec, BlockSpec, expanded_channels, se_channels
 
 __all__ = [
     "ClassifierHead",
@@ -114,14 +115,14 @@ class InvertedResidual(nn.Module):
         pw_k = block.num_kernels  # "pw" and "all" both make the 1x1 convs dynamic
         dw_k = block.num_kernels if block.dynamic_convs == "all" else 1
         attn = {"reduction": reduction, "min_hidden": min_hidden}
-        mid = make_divisible(in_channels * block.expansion, 8) if block.expansion != 1 else in_channels
+        mid = expanded_channels(in_channels, block.expansion)
         if block.expansion != 1:
             conv = create_conv2d(in_channels, mid, 1, num_kernels=pw_k, **attn)
             self.expand = ConvBnAct(conv, mid, block.activation)
         conv = create_conv2d(mid, mid, block.kernel_size, block.stride, groups=mid, num_kernels=dw_k, **attn)
         self.depthwise = ConvBnAct(conv, mid, block.activation)
         if block.se:
-            self.se = SqueezeExcite(mid, make_divisible(mid // 4, 8))
+            self.se = SqueezeExcite(mid, se_channels(mid))
         self.project = ConvBnAct(create_conv2d(mid, block.out_channels, 1, num_kernels=pw_k, **attn), block.out_channels, None)
         self.use_residual = block.stride == 1 and in_channels == block.out_channels
 
@@ -154,12 +155,18 @@ class ClassifierHead(nn.Module):
         self.dropout = nn.Dropout(arch.dropout)
         self.classifier = nn.Linear(features, arch.num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits, or with ``pre_logits`` the pooled features the classifier reads."""
         x = self.conv(x)  # (B, head_channels, H, W)
+        return self.forward_pooled(x, pre_logits)
+
+    def forward_pooled(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """From the head conv's output (B, head_channels, H, W) on: pool, [FC], dropout, classifier."""
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, head_channels)
         if "hidden" in self._modules:
             x = self._modules["hidden"](x)  # (B, head_hidden)
-        return self.classifier(self.dropout(x))  # (B, num_classes)
+        x = self.dropout(x)
+        return x if pre_logits else self.classifier(x)  # (B, num_classes)
 
 
 class DynasNet(nn.Module):
@@ -181,11 +188,36 @@ class DynasNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = ClassifierHead(channels, arch)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _body(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, stem_channels, H/s, W/s)
         for stage in self.stages:
             x = stage(x)
-        return self.head(x)  # (B, num_classes)
+        return x  # (B, last block's out_channels, H/stride, W/stride)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, after the head's 1x1 conv: (B, head_channels, H/stride, W/stride)."""
+        return self.head.conv(self._body(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """From :meth:`forward_features`' output to logits (or the pooled features, ``pre_logits``)."""
+        return self.head.forward_pooled(x, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The head as one module call, so that counters and traces see its ops under "head".
+        return self.head(self._body(x))  # (B, num_classes)
+
+    def get_classifier(self) -> nn.Linear:
+        """The final linear layer."""
+        return self.head.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, initialised classifier of ``num_classes`` outputs; :attr:`arch` follows."""
+        arch = dataclasses.replace(self.arch, num_classes=num_classes)  # validates num_classes
+        old = self.head.classifier
+        self.head.classifier = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        nn.init.normal_(self.head.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(self.head.classifier.bias)
+        self.arch = arch
 
 
 def init_weights(model: nn.Module) -> None:

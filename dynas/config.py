@@ -9,34 +9,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import yaml
 
 from dynas.errors import DynasError, did_you_mean
 
-__all__ = ["apply_config", "parse_count", "write_resolved"]
-
-_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9}
-
-
-def parse_count(text: str | int | float) -> int:
-    """Parse a MAC or parameter count: ``5000000``, ``5e6``, ``5M``, ``300k``, ``1.5G``."""
-    if isinstance(text, bool):
-        raise ValueError(f"expected a count such as 5M or 5e6, but got {text!r}")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", str(text))
-        if not match:
-            raise ValueError(f"expected a count such as 5M or 5e6, but got {text!r}")
-        value = float(match.group(1)) * _SUFFIXES.get(match.group(2).lower(), 1.0)
-    if value <= 0:
-        raise ValueError(f"a count must be > 0, but got {text!r}")
-    return int(round(value))
-
+__all__ = [
+    "apply_config",
+    "load_run_data",
+    "read_run_config",
+    "train_config",
+    "train_subset",
+    "write_resolved",
+]
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "command") and a.option_strings}
@@ -63,21 +51,33 @@ def _reject_bool(value: bool) -> None:
     raise ValueError(f"expected a value, not a boolean ({value!r})")
 
 
-def apply_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> dict[str, Any]:
-    """Read the YAML file at ``path``, validate it against ``parser`` and set it as its defaults."""
+def apply_config(
+    parser: argparse.ArgumentParser, path: str | os.PathLike, ignore: Collection[str] = ()
+) -> dict[str, Any]:
+    """Read the YAML file at ``path``, validate it against ``parser`` and set it as its defaults.
+
+    Keys in ``ignore`` (another command's options, as in a run's config.yaml) are skipped.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DynasError(f"config file {str(path)!r} is a folder; give the YAML file (e.g. {str(path / 'config.yaml')!r}).")
     if not path.is_file():
         raise DynasError(f"config file {str(path)!r} does not exist.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise DynasError(f"config file {str(path)!r} is not UTF-8 text.") from None
     except yaml.YAMLError as err:
-        raise DynasError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        first = str(err).replace("\n", " ")
+        raise DynasError(f"config file {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise DynasError(f"config file {str(path)!r} must be a mapping of option: value, but got {type(data).__name__}.")
     actions = _actions(parser)
     defaults = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        if dest in ignore and dest not in actions:
+            continue
         if dest not in actions:
             raise DynasError(
                 f"config file {str(path)!r}: unknown key {key!r}.{did_you_mean(dest, actions)} "
@@ -89,6 +89,65 @@ def apply_config(parser: argparse.ArgumentParser, path: str | os.PathLike) -> di
 
 
 def write_resolved(args: argparse.Namespace, path: str | os.PathLike) -> None:
-    """Write the settings a run actually used, as YAML that ``--config`` accepts."""
-    resolved = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "config", "func")}
+    """Write the settings a run actually used, as YAML that ``--config`` accepts (passwords left out)."""
+    resolved = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "config", "verbose")}
+    if resolved.get("storage"):  # never a password on disk: the database's own auth (e.g. ~/.pgpass) supplies it
+        from dynas.engines.storage import strip_password
+
+        resolved["storage"] = strip_password(resolved["storage"])
     Path(path).write_text(yaml.safe_dump(resolved, sort_keys=True), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the run record
+# ``RUN_DIR/config.yaml`` holds every setting a run used (the flags, resolved against --config);
+# these functions rebuild the run's objects from it, so that `search`, `train`, `export` and
+# retraining never copy a default by hand: a missing key takes the dataclass' own default.
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The settings in ``run_dir/config.yaml`` ({} when the run has none).
+
+    Raises:
+        DynasError: the file exists but is not a YAML mapping.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DynasError(f"config file {str(path)!r} is damaged: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DynasError(f"config file {str(path)!r} must be a mapping of option: value, but got {type(data).__name__}.")
+    return data
+
+
+def train_config(settings: Mapping[str, Any], **overrides: Any) -> Any:
+    """The :class:`~dynas.training.TrainConfig` of a run's settings (its fields by name), then ``overrides``."""
+    import dataclasses
+
+    from dynas.training import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in settings.items() if k in fields and v is not None}
+    return TrainConfig(**{**values, **overrides})
+
+
+def train_subset(value: int | float | None) -> int | float | None:
+    """``--train-subset`` as load_data takes it: a count (>= 1) as an int, a fraction as a float."""
+    return int(value) if value is not None and value >= 1 else value
+
+
+def load_run_data(settings: Mapping[str, Any], *, full_train: bool = False) -> Any:
+    """The run's dataset (``settings["dataset"]``), split as the run split it (same seed, share, subset).
+
+    With ``full_train`` the validation split and any subset are folded back into the training
+    split (retraining on the full training set).
+    """
+    from dynas.data import load_data
+
+    kwargs = {key: settings[key] for key in ("val_fraction", "input_size", "seed") if settings.get(key) is not None}
+    if not full_train:
+        kwargs["train_subset"] = train_subset(settings.get("train_subset"))
+    data = load_data(settings["dataset"], root=settings.get("data_root"), **kwargs)
+    return data.with_full_train() if full_train else data

@@ -14,15 +14,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dynas.counting import input_shape
+from dynas.checks import check_int
+from dynas.cost import input_shape
 
 __all__ = ["measure_latency"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {name}={value!r}.")
-    return value
 
 
 @contextmanager
@@ -94,11 +89,11 @@ def measure_latency(
     Raises:
         ValueError: a count is out of range, or ``input_size`` is malformed.
     """
-    _check_int("batch_size", batch_size, 1)
-    _check_int("warmup", warmup, 0)
-    _check_int("repeats", repeats, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("warmup", warmup, 0)
+    check_int("repeats", repeats, 1)
     if num_threads is not None:
-        _check_int("num_threads", num_threads, 1)
+        check_int("num_threads", num_threads, 1)
     shape = input_shape(input_size)
     device = torch.device(device)
     model.to(device)

@@ -141,10 +141,13 @@ def _presets() -> dict[str, Callable[[], ArchSpec]]:
         presets[f"dy_mobilenetv2_{suffix}"] = partial(mobilenet_v2, width, num_kernels=4)
     presets["mobilenetv3_small"] = mobilenet_v3_small
     presets["dy_mobilenetv3_small"] = partial(mobilenet_v3_small, num_kernels=4)
+    # CIFAR variants (32x32, 10 classes; stem and first strided block at stride 1).
+    for name, make in list(presets.items()):
+        presets[f"{name}_cifar"] = lambda make=make: cifar_variant(make())
     return presets
 
 
-#: Preset name -> function making its ArchSpec (224x224, 1000 classes).
+#: Preset name -> function making its ArchSpec (224x224, 1000 classes; ``*_cifar``: 32x32, 10 classes).
 PRESETS: Mapping[str, Callable[[], ArchSpec]] = MappingProxyType(_presets())
 
 

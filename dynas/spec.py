@@ -35,9 +35,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from dynas.checks import check_choice as _check_choice
+from dynas.checks import check_int as _check_int
 from dynas.errors import DynasError, did_you_mean
 
-__all__ = ["ACTIVATIONS", "DYNAMIC_CONVS", "FORMAT_VERSION", "ArchSpec", "BlockSpec", "StageSpec", "make_divisible"]
+__all__ = ["ACTIVATIONS", "DYNAMIC_CONVS", "FORMAT_VERSION", "ArchSpec", "BlockSpec", "StageSpec", "expanded_channels", "make_divisible", "se_channels"]
 
 #: Activation names a spec accepts (built by :func:`dynas.builder.create_act`).
 ACTIVATIONS = ("relu", "relu6", "hswish")
@@ -71,23 +73,17 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
     return new_v
 
 
+def expanded_channels(in_channels: int, expansion: float) -> int:
+    """Channels inside an inverted residual: ``make_divisible(in * expansion, 8)``, or ``in`` at expansion 1."""
+    return make_divisible(in_channels * expansion, 8) if expansion != 1 else in_channels
+
+
+def se_channels(channels: int) -> int:
+    """Squeeze width of a squeeze-excite on ``channels``: ``make_divisible(channels // 4, 8)``."""
+    return make_divisible(channels // 4, 8)
+
+
 # ----------------------------------------------------------------------------- validation helpers
-
-
-def _check_int(name: str, value: object, minimum: int = 1, maximum: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    if ok and (maximum is None or value <= maximum):
-        return
-    bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-    raise ValueError(f"`{name}` must be an integer {bound}, but got {name}={value!r}.")
-
-
-def _check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
-    if isinstance(value, str) and value in allowed:
-        return
-    raise ValueError(
-        f"`{name}` must be one of {tuple(allowed)}, but got {name}={value!r}.{did_you_mean(str(value), allowed)}"
-    )
 
 
 def _as_float(name: str, value: object) -> float:

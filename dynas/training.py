@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dynas.checks import check_int, check_number
 from dynas.data import BatchLoader, DataBundle
 from dynas.errors import DynasError, did_you_mean
 from dynas.temperature import LinearAnneal, TemperatureSchedule, dynamic_layers, set_temperature
@@ -79,23 +80,23 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("eval_batch_size", self.eval_batch_size, 1)
-        _check_int("seed", self.seed, None)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("seed", self.seed, None)
         for name in ("max_steps_per_epoch", "num_threads"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
-        _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
-        _check_range("warmup_epochs", self.warmup_epochs, 0.0, self.epochs, high_open=True)
-        _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
-        _check_range("tau_start", self.tau_start, 0.0, math.inf, low_open=True)
-        _check_range("tau_end", self.tau_end, 0.0, math.inf, low_open=True)
-        _check_range("anneal_fraction", self.anneal_fraction, 0.0, 1.0)
+                check_int(name, getattr(self, name), 1)
+        check_number("lr", self.lr, 0.0, math.inf, low_open=True)
+        check_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_number("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_number("warmup_epochs", self.warmup_epochs, 0.0, self.epochs, high_open=True)
+        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_number("tau_start", self.tau_start, 0.0, math.inf, low_open=True)
+        check_number("tau_end", self.tau_end, 0.0, math.inf, low_open=True)
+        check_number("anneal_fraction", self.anneal_fraction, 0.0, 1.0)
         if self.anneal_epochs is not None:
-            _check_range("anneal_epochs", self.anneal_epochs, 0.0, math.inf)
+            check_number("anneal_epochs", self.anneal_epochs, 0.0, math.inf)
         if self.schedule is not None and not callable(self.schedule):
             raise DynasError(f"`schedule` must be a callable step -> tau, but got schedule={self.schedule!r}.")
         if self.amp not in AMP_MODES:
@@ -116,25 +117,6 @@ class TrainConfig:
             steps = round(self.anneal_epochs * steps_per_epoch)
             return LinearAnneal(self.tau_start, self.tau_end, steps)
         return LinearAnneal.from_fraction(total_steps, self.anneal_fraction, self.tau_start, self.tau_end)
-
-
-def _check_int(name: str, value: object, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        rule = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise DynasError(f"`{name}` must be {rule}, but got {name}={value!r}.")
-
-
-def _check_range(
-    name: str, value: object, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        if math.isinf(high):
-            rule = f"> {low:g}" if low_open else f">= {low:g}"
-        else:
-            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise DynasError(f"`{name}` must be a finite number {rule}, but got {name}={value!r}.")
 
 
 def _parse_device(device: str) -> torch.device | None:

@@ -29,7 +29,8 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dynas.counting import closed_form_macs, closed_form_params, count_macs, format_count
+from dynas.cost import closed_form_macs, closed_form_params, format_count
+from dynas.counting import count_macs
 from dynas.presets import get_preset, mobilenet_v3_small
 from dynas.spec import ArchSpec
 

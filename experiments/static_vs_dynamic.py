@@ -32,7 +32,7 @@ import torch
 
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
-from dynas.counting import closed_form_macs, closed_form_params
+from dynas.cost import closed_form_macs, closed_form_params
 from dynas.data import DATASETS, BatchLoader, DataBundle, load_data
 from dynas.presets import cifar_variant, mobilenet_v2
 from dynas.spec import ArchSpec

@@ -13,8 +13,7 @@ from typing import Any
 
 from dynas.presets import cifar_variant, mobilenet_v2
 from dynas.spec import ArchSpec
-from search_spaces import register_space
-from search_spaces._base import Candidate, Choice, SearchSpace
+from dynas.spaces import Candidate, Choice, SearchSpace, register_space
 
 __all__ = ["KTauSpace"]
 
@@ -27,11 +26,14 @@ class KTauSpace(SearchSpace):
 
     name = "k_tau"
 
-    def __init__(self, input_size: int | None = None, num_classes: int | None = None, width: float = 0.5) -> None:
+    def __init__(
+        self, input_size: int | None = None, num_classes: int | None = None, width: float = 0.5, in_channels: int = 3
+    ) -> None:
         input_size = 32 if input_size is None else input_size
         num_classes = 10 if num_classes is None else num_classes
         base = mobilenet_v2(width, num_classes=num_classes, input_size=input_size)
-        self.base = cifar_variant(base, num_classes, input_size) if input_size <= 64 else base
+        base = cifar_variant(base, num_classes, input_size) if input_size <= 64 else base
+        self.base = dataclasses.replace(base, in_channels=in_channels)
 
     def choices(self) -> list[Choice]:
         return [

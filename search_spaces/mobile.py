@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from dynas.spec import ArchSpec, BlockSpec, StageSpec, make_divisible
-from search_spaces import register_space
-from search_spaces._base import Candidate, Choice, SearchSpace
+from dynas.spaces import Candidate, Choice, SearchSpace, register_space
 
 __all__ = ["MobileCifarSpace", "MobileImageNetSpace", "MobileSpace", "StageConfig"]
 
@@ -52,6 +51,7 @@ class MobileSpace(SearchSpace):
     Args:
         input_size: square input resolution written into every spec.
         num_classes: classifier width.
+        in_channels: image channels (1 for grayscale data).
     """
 
     stem_channels: ClassVar[int]
@@ -69,10 +69,11 @@ class MobileSpace(SearchSpace):
     default_tau_start: ClassVar[float] = 30.0  # used when no block is dynamic
     default_anneal_fraction: ClassVar[float] = 0.1
 
-    def __init__(self, input_size: int | None = None, num_classes: int | None = None) -> None:
+    def __init__(self, input_size: int | None = None, num_classes: int | None = None, in_channels: int = 3) -> None:
         self.input_size = self.default_input_size if input_size is None else input_size
         self.num_classes = self.default_num_classes if num_classes is None else num_classes
-        for key in ("input_size", "num_classes"):
+        self.in_channels = in_channels
+        for key in ("input_size", "num_classes", "in_channels"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{key}` must be an integer >= 1, but got {key}={value!r}.")
@@ -152,6 +153,7 @@ class MobileSpace(SearchSpace):
             head_activation=self.stages[-1].activation,
             num_classes=self.num_classes,
             input_size=self.input_size,
+            in_channels=self.in_channels,
             dropout=0.2,
         )
         tau = params.get("tau_start", self.default_tau_start)

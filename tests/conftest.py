@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import search_spaces
+import dynas.spaces
 
 _SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 _MINI_PACK = _SHARED_CIFAR / "cifar10_mini_jpegq75_pack.npz"
@@ -32,6 +32,6 @@ def cifar10_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> dict:
     """A private copy of the search-space registry, so a test's registrations do not leak."""
-    copy = dict(search_spaces._REGISTRY)
-    monkeypatch.setattr(search_spaces, "_REGISTRY", copy)
+    copy = dict(dynas.spaces._REGISTRY)
+    monkeypatch.setattr(dynas.spaces, "_REGISTRY", copy)
     return copy

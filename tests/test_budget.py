@@ -16,10 +16,11 @@ from dynas.budget import (
     sample_within_budget,
     space_cost_range,
 )
-from dynas.counting import closed_form_macs, closed_form_params, count_macs
+from dynas.cost import closed_form_macs, closed_form_params
+from dynas.counting import count_macs
 from dynas.latency import measure_latency
 from dynas.presets import get_preset
-from search_spaces import get_space, list_spaces
+from dynas.spaces import get_space, list_spaces
 
 
 @pytest.mark.parametrize("field", ["max_macs", "max_params", "max_latency_ms"])

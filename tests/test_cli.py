@@ -11,7 +11,7 @@ import pickle
 import pytest
 
 from run_search import main
-from search_spaces import get_space
+from dynas.spaces import get_space
 
 TINY = [
     "--dataset", "digits", "--input-size", "16", "--train-subset", "200", "--epochs", "1",
@@ -116,7 +116,7 @@ def test_help_exits_0(capsys):
 
 
 def test_train_writes_a_loadable_model_and_metrics(tmp_path, capsys):
-    from dynas.export import load_model
+    from dynas.models import load_model
     from dynas.temperature import dynamic_layers
     from dynas.presets import cifar_variant, get_preset
 
@@ -138,3 +138,68 @@ def test_train_refuses_an_arch_that_does_not_fit_the_data(tmp_path, capsys):
     err = _error(capsys, ["train", "--arch", "mobilenetv2_035", "--out", str(tmp_path / "t"), *TINY])
     assert "expects 224x224 inputs and 1000 classes" in err and "gives 16x16 and 10" in err
     assert not (tmp_path / "t").exists()
+
+
+# ----------------------------------------------------------------------------- the package's CLI
+
+
+def test_version_and_help_show_defaults(capsys):
+    import dynas
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dynas {dynas.__version__}"
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.05)" in out and "(default: 3)" in out  # TrainConfig's lr and epochs
+
+
+def test_python_dash_m_dynas_runs_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "dynas", "spaces"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0 and "mobile_cifar:" in run.stdout, run.stderr
+
+
+def test_verbose_logs_a_line_per_trial_and_train_takes_the_run_record(tmp_path, capsys):
+    import yaml
+
+    assert main(["-v", *_search(tmp_path, "--max-macs", "1.5M", "--trials", "2", "--sampler", "random")]) == 0
+    out = capsys.readouterr().out + capsys.readouterr().err
+    run = tmp_path / "run"
+    record = yaml.safe_load((run / "config.yaml").read_text())
+    assert record["max_macs"] == 1_500_000 and "verbose" not in record
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    arch = next(r["arch"] for r in rows if r["state"] == "complete")
+    # train --config RUN_DIR/config.yaml: the search's recipe and data; search-only keys are skipped
+    assert main(["train", "--config", str(run / "config.yaml"), "--arch", arch, "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "model.pt").is_file()
+    trained = yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())
+    assert {k: trained[k] for k in ("epochs", "train_subset", "input_size")} == {"epochs": 1, "train_subset": 200.0, "input_size": 16}
+
+
+def test_a_refused_rerun_leaves_the_run_record_alone(tmp_path, capsys):
+    assert main(_search(tmp_path, "--max-macs", "1.5M", "--trials", "1", "--sampler", "random")) == 0
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    err = _error(capsys, _search(tmp_path, "--max-macs", "2M", "--trials", "1", "--sampler", "random"))
+    assert "refusing to mix them" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_supernet_train_then_search_with_it(tmp_path, capsys):
+    sn = tmp_path / "sn"
+    assert main(["supernet", "--run-dir", str(sn), *TINY, "--val-calib-images", "32"]) == 0
+    assert (sn / "supernet.pt").is_file()
+    argv = _search(tmp_path, "--max-macs", "1.5M", "--trials", "3", "--sampler", "random", "--evaluator", "supernet",
+                   "--supernet", str(sn / "supernet.pt"), "--calib-images", "32")
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    done = [r for r in rows if r["state"] == "complete"]
+    assert len(done) == 3 and {r["fidelity"] for r in rows} == {"supernet"}
+    assert all(r["epochs"] == 0 and not r["checkpoint"] for r in done)  # scored, never trained
+    # A supernet of another input size is refused before any trial.
+    err = _error(capsys, ["search", "--run-dir", str(tmp_path / "other"), *TINY, "--input-size", "24", "--max-macs", "3M",
+                          "--evaluator", "supernet", "--supernet", str(sn / "supernet.pt")])
+    assert "supernet" in err and not (tmp_path / "other" / "results.jsonl").exists()
+    assert "needs --supernet PATH" in _error(capsys, _search(tmp_path, "--max-macs", "1.5M", "--evaluator", "supernet"))

@@ -9,19 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dynas.counting import (
-    IGNORED_OPS,
-    UnsupportedOpError,
-    closed_form_macs,
-    closed_form_params,
-    count_macs,
-    format_count,
-    input_shape,
-    mac_analysis,
-)
+from dynas.cost import closed_form_macs, closed_form_params, format_count, input_shape
+from dynas.counting import IGNORED_OPS, UnsupportedOpError, count_macs, mac_analysis
 from dynas.ops import DynamicConv2d
 from dynas.presets import get_preset, list_presets
-from search_spaces import get_space, list_spaces
+from dynas.spaces import get_space, list_spaces
 
 # (in, out, kernel, stride, padding, dilation, groups, bias)
 CONV_CONFIGS = [

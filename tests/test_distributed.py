@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from dynas.search.optuna_engine import make_storage
+from dynas.engines.storage import make_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

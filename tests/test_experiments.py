@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from dynas.counting import closed_form_macs, closed_form_params
+from dynas.cost import closed_form_macs, closed_form_params
 from dynas.presets import get_preset
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"

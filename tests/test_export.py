@@ -18,15 +18,17 @@ import pytest
 import torch
 
 import dynas
-from dynas.counting import closed_form_macs, count_macs
+from dynas.cost import closed_form_macs
+from dynas.counting import count_macs
 from dynas.errors import DynasError
-from dynas.export import export_run, load_model, save_model, select_trials
-from dynas.search.report import load_results
-from dynas.search.results import ResultsTable, TrialRecord
+from dynas.export import export_run, select_trials
+from dynas.models import load_model, save_model
+from dynas.results import load_results
+from dynas.results import ResultsTable, TrialRecord
 from dynas.spec import ArchSpec
 from dynas.temperature import dynamic_layers
 from run_search import main
-from search_spaces import get_space
+from dynas.spaces import get_space
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -346,8 +348,16 @@ def test_card_reports_the_search_settings(best):
     assert "max_macs=2000000" in (best / "card.md").read_text()
 
 
-def test_card_says_how_to_load_it(best):
-    assert f'dynas.load_model("{best.name}/model.pt")' in (best / "card.md").read_text()
+def test_card_says_how_to_load_it(best, monkeypatch):
+    import dynas
+
+    card = (best / "card.md").read_text()
+    line = f'model = dynas.create_model("{best.name}/model.pt")'
+    assert line in card
+    monkeypatch.chdir(best.parent)
+    scope: dict = {"dynas": dynas}
+    exec(line, scope)  # the card's own line loads the exported model
+    assert not scope["model"].training
 
 
 # ----------------------------------------------------------------------------- errors

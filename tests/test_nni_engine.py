@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("nni")
 
 from dynas.budget import Budget  # noqa: E402
-from dynas.counting import closed_form_macs  # noqa: E402
+from dynas.cost import closed_form_macs  # noqa: E402
 from dynas.data import load_data  # noqa: E402
 from dynas.errors import DynasError  # noqa: E402
-from dynas.search.evaluate import CandidateEvaluator  # noqa: E402
-from dynas.search.nni_engine import (  # noqa: E402
+from dynas.engines.evaluate import CandidateEvaluator  # noqa: E402
+from dynas.engines.nni_engine import (  # noqa: E402
     STRATEGIES,
     DynasModelSpace,
     _bind_node_to,
@@ -28,11 +28,11 @@ from dynas.search.nni_engine import (  # noqa: E402
     nni_choices,
     run_nni_search,
 )
-from dynas.search.results import ResultsTable  # noqa: E402
+from dynas.results import ResultsTable  # noqa: E402
 from dynas.spec import ArchSpec, BlockSpec, StageSpec  # noqa: E402
 from dynas.training import TrainConfig  # noqa: E402
-from search_spaces import get_space, list_spaces  # noqa: E402
-from search_spaces._base import Candidate, Choice, SearchSpace  # noqa: E402
+from dynas.spaces import get_space, list_spaces  # noqa: E402
+from dynas.spaces import Candidate, Choice, SearchSpace  # noqa: E402
 
 INPUT_SIZE = 16
 NUM_CLASSES = 10
@@ -129,7 +129,7 @@ def test_unknown_execution_and_bad_trials(data, tmp_path):
     evaluator = _evaluator(data, tmp_path, space)
     with pytest.raises(DynasError, match=r"unknown execution 'sequental'.*'sequential'"):
         run_nni_search(space, evaluator, n_trials=1, execution="sequental")
-    with pytest.raises(DynasError, match=r"`trials` must be >= 1, but got trials=0"):
+    with pytest.raises(DynasError, match=r"`trials` must be an integer >= 1, but got trials=0"):
         run_nni_search(space, evaluator, n_trials=0)
     assert not evaluator.results.jsonl.exists()
 

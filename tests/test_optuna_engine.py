@@ -7,23 +7,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import dynas.search.evaluate as evaluate_module
+import dynas.engines.evaluate as evaluate_module
 from dynas.budget import Budget
-from dynas.counting import closed_form_macs
+from dynas.cost import closed_form_macs
 from dynas.data import load_data
 from dynas.errors import DynasError
-from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
-from dynas.search.optuna_engine import (
-    RANDOM_STARTUP_TRIALS,
-    _FeasibleStartup,
-    make_pruner,
-    make_sampler,
-    make_storage,
-    run_optuna_search,
-)
-from dynas.search.results import ResultsTable, pareto_front
+from dynas.engines.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
+from dynas.engines.optuna_engine import _FeasibleStartup, run_optuna_search
+from dynas.engines.samplers import RANDOM_STARTUP_TRIALS, make_pruner, make_sampler
+from dynas.engines.storage import make_storage
+from dynas.results import ResultsTable, pareto_front
 from dynas.training import TrainConfig
-from search_spaces import get_space
+from dynas.spaces import get_space
 
 
 @pytest.fixture(scope="module")

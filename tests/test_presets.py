@@ -26,7 +26,8 @@ def _params(arch: ArchSpec) -> int:
 
 def test_preset_names():
     widths = ("100", "075", "050", "035")
-    expected = {f"{dy}mobilenetv2_{w}" for dy in ("", "dy_") for w in widths} | {"mobilenetv3_small", "dy_mobilenetv3_small"}
+    imagenet = {f"{dy}mobilenetv2_{w}" for dy in ("", "dy_") for w in widths} | {"mobilenetv3_small", "dy_mobilenetv3_small"}
+    expected = imagenet | {f"{name}_cifar" for name in imagenet}
     assert set(list_presets()) == expected == set(PRESETS)
     assert list_presets() == sorted(expected)
 
@@ -34,12 +35,12 @@ def test_preset_names():
 @pytest.mark.parametrize("name", list_presets())
 def test_every_preset_builds_trains_and_round_trips(name):
     arch = get_preset(name)
-    assert (arch.input_size, arch.num_classes) == (224, 1000)
+    assert (arch.input_size, arch.num_classes) == ((32, 10) if name.endswith("_cifar") else (224, 1000))
     assert ArchSpec.from_str(arch.to_str()) == arch
     assert ArchSpec.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
     model = build_model(arch)
     out = model(torch.randn(2, 3, 64, 64))  # reduced resolution keeps the test fast
-    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    assert out.shape == (2, arch.num_classes) and torch.isfinite(out).all()
     out.logsumexp(1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -112,3 +113,9 @@ def test_cifar_variant():
 def test_get_preset_suggests_close_names():
     with pytest.raises(DynasError, match=r"unknown preset 'mobilenetv2_10'\. Did you mean 'mobilenetv2_100'\?"):
         get_preset("mobilenetv2_10")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050", "dy_mobilenetv3_small"])
+def test_cifar_presets_are_the_cifar_variants(name):
+    assert get_preset(f"{name}_cifar") == cifar_variant(get_preset(name))
+    assert (get_preset(f"{name}_cifar").input_size, get_preset(f"{name}_cifar").num_classes) == (32, 10)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+import dynas.spaces
 import search_spaces
-from search_spaces import get_space, list_spaces
+from dynas.spaces import get_space, list_spaces
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -33,9 +34,19 @@ def test_own_space_example_registers_and_searches(registry, tmp_path, monkeypatc
     (tmp_path / f"{name}.py").write_text(block)
     monkeypatch.setattr(search_spaces, "__path__", [*search_spaces.__path__, str(tmp_path)])
     monkeypatch.delitem(sys.modules, f"search_spaces.{name}", raising=False)
-    search_spaces.discover_spaces()
+    dynas.spaces.discover_spaces()
     assert name in list_spaces()
     space = get_space(name)
     assert space.decode({"kernel": 5, "dynamic": True, "num_kernels": 4}).arch.blocks[0].num_kernels == 4
     assert space.smallest().blocks[0].num_kernels == 1
     sys.modules.pop(f"search_spaces.{name}")
+
+
+def test_python_quick_start_runs(tmp_path, monkeypatch):
+    (block,) = [b for b in _python_blocks() if "dynas.search(" in b]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(block, scope)
+    result, model = scope["result"], scope["model"]
+    assert result.counters.trained == 4 and 0 <= result.best["val_top1"] <= 100
+    assert model.arch.to_str() == result.best["arch"]

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from dynas.search.results import COLUMNS, ResultsTable, TrialRecord, pareto_front
+from dynas.results import COLUMNS, ResultsTable, TrialRecord, pareto_front
 
 
 def _record(trial, state="complete", macs=1_000_000, top1=50.0, arch="a", tau=30.0):
@@ -50,9 +50,7 @@ def test_pareto_front():
     assert pareto_front(frame)["trial"].tolist() == [1, 0]
 
 
-def test_min_attention_entropy_and_the_collapse_warning(tmp_path):
-    from dynas.search.report import write_report
-
+def test_min_attention_entropy(tmp_path):
     table = ResultsTable(tmp_path / "run")
     healthy, collapsed = _record(0), _record(1, arch="b")
     healthy.attention_entropy = {"a.conv": 1.2, "b.conv": 0.9}
@@ -63,15 +61,11 @@ def test_min_attention_entropy_and_the_collapse_warning(tmp_path):
     assert frame["min_attention_entropy"].tolist()[:2] == [0.9, 0.02]
     assert math.isnan(frame["min_attention_entropy"].iloc[2])
     assert pd.read_csv(table.csv)["min_attention_entropy"].tolist()[:2] == [0.9, 0.02]
-    text = write_report(tmp_path / "run")
-    assert "in 1 of 2 trained dynamic candidates" in text and "trials 1)" in text
 
 
-def test_no_collapse_warning_when_attention_is_spread(tmp_path):
-    from dynas.search.report import write_report
-
+def test_pareto_front_of_a_run_without_completed_trials(tmp_path):
     table = ResultsTable(tmp_path / "run")
     record = _record(0)
-    record.attention_entropy = {"a.conv": 1.2}
+    record.state = "pruned"
     table.append(record)
-    assert "collapsed" not in write_report(tmp_path / "run")
+    assert pareto_front(table.frame()).empty

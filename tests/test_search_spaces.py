@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 import torch
 
+import dynas.spaces
 import search_spaces
 from dynas.builder import build_model
 from dynas.counting import count_macs
 from dynas.errors import DynasError
 from dynas.spec import ArchSpec, BlockSpec, StageSpec
-from search_spaces import Candidate, Choice, SearchSpace, get_space, list_spaces, register_space
+from dynas.spaces import Candidate, Choice, SearchSpace, get_space, list_spaces, register_space
 
 N_SAMPLES = 200
 
@@ -239,7 +240,7 @@ def test_choice_validation(args, match):
 
 
 class TinySpace(SearchSpace):
-    """The docstring example of search_spaces._base."""
+    """The docstring example of dynas.spaces."""
 
     name = "tiny"
 
@@ -270,8 +271,8 @@ def test_a_user_space_in_one_file(registry):
 
 _USER_FILE = """
 from dynas.spec import ArchSpec, BlockSpec, StageSpec
-from search_spaces import register_space
-from search_spaces._base import Candidate, Choice, SearchSpace
+from dynas.spaces import register_space
+from dynas.spaces import Candidate, Choice, SearchSpace
 
 
 @register_space
@@ -297,7 +298,7 @@ def test_a_file_dropped_into_the_package_registers_its_space(registry, tmp_path,
     monkeypatch.setattr(search_spaces, "__path__", [*search_spaces.__path__, str(tmp_path)])
     monkeypatch.delitem(sys.modules, "search_spaces.dropped_in", raising=False)
     assert "dropped_in" not in list_spaces()
-    search_spaces.discover_spaces()
+    dynas.spaces.discover_spaces()
     assert "dropped_in" in list_spaces()
     assert get_space("dropped_in").decode({"kernel": 5}).arch.blocks[0].kernel_size == 5
     sys.modules.pop("search_spaces.dropped_in")

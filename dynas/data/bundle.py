@@ -6,6 +6,7 @@ host-to-device traffic); they become normalized floats only batch by batch, on t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,12 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augmentation: Augmentation = field(default_factory=Augmentation)
+
+    def with_full_train(self) -> DataBundle:
+        """The same data with the validation split folded back into training (statistics redone)."""
+        train = Split(torch.cat([self.train.images, self.val.images]), torch.cat([self.train.labels, self.val.labels]))
+        mean, std = channel_stats(train.images)
+        return dataclasses.replace(self, train=train, mean=mean, std=std)
 
     @property
     def num_classes(self) -> int:

@@ -49,15 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from dynas.checks import check_int
+
 __all__ = ["DynamicConv2d", "KernelAttention"]
 
 _ATTENTIONS = ("softmax", "sigmoid")
-
-
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, but got {name}={value!r}.")
-    return value
 
 
 class KernelAttention(nn.Module):
@@ -77,8 +73,8 @@ class KernelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("reduction", reduction)
-        _check_positive_int("min_hidden", min_hidden)
+        check_int("reduction", reduction)
+        check_int("min_hidden", min_hidden)
         if attention not in _ATTENTIONS:
             raise ValueError(f"`attention` must be one of {_ATTENTIONS}, but got {attention=!r}.")
         self.attention = attention
@@ -171,10 +167,10 @@ class DynamicConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("out_channels", out_channels)
-        _check_positive_int("groups", groups)
-        _check_positive_int("num_kernels", num_kernels)
+        check_int("in_channels", in_channels)
+        check_int("out_channels", out_channels)
+        check_int("groups", groups)
+        check_int("num_kernels", num_kernels)
         if in_channels % groups:
             raise ValueError(
                 f"`in_channels` must be divisible by `groups`, but got {in_channels=}, {groups=}."
@@ -188,7 +184,7 @@ class DynamicConv2d(nn.Module):
         self.dilation = _pair(dilation)
         for name in ("kernel_size", "stride", "dilation"):
             for v in getattr(self, name):
-                _check_positive_int(name, v)
+                check_int(name, v)
         self.padding = self._check_padding(padding)
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -14,38 +14,31 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 
 from dynas.budget import Budget
 from dynas.builder import build_model
-from dynas.counting import closed_form_macs, closed_form_params
+from dynas.cost import closed_form_macs, closed_form_params
 from dynas.data import DataBundle
+from dynas.errors import DynasError
 from dynas.latency import measure_latency
-from dynas.search.results import ResultsTable, TrialRecord
+from dynas.results import ResultsTable, TrialRecord
+from dynas.models import save_model
+from dynas.spaces import Candidate
 from dynas.spec import ArchSpec
 from dynas.temperature import current_temperature
-from dynas.training import NonFiniteLossError, TrainConfig, train_candidate
+from dynas.training import EpochCallback, NonFiniteLossError, TrainConfig, train_candidate
 
-__all__ = ["MAX_REJECTIONS_PER_TRIAL", "CandidateEvaluator", "EpochCallback", "SearchCounters"]
+__all__ = ["MAX_REJECTIONS_PER_TRIAL", "CandidateEvaluator", "SearchCounters"]
 
 MAX_REJECTIONS_PER_TRIAL = 50
 """Rejected (over-budget) proposals cost no training, so they do not count as trials; a run stops
 anyway after this many rejections per requested trial, when the sampler cannot find the budget."""
 
 logger = logging.getLogger(__name__)
-
-EpochCallback = Callable[[int, float], "bool | None"]
-"""``callback(epoch, val_top1) -> True`` to stop training (the engines' pruners)."""
-
-
-class _Candidate(Protocol):
-    arch: ArchSpec
-    tau_start: float
-    anneal_fraction: float
-    params: Any
 
 
 @dataclasses.dataclass
@@ -72,6 +65,11 @@ class CandidateEvaluator:
         keep_weights: keep the final weights of the best ``keep_weights`` trials (by val
             top-1) under ``run_dir/checkpoints``; 0 keeps none.
         on_record: called with every row appended (progress bars).
+        objective: instead of training, ``objective(candidate, trial) -> float`` scores each
+            feasible candidate (higher is better; ``trial`` is the engine's trial: an
+            ``optuna.Trial``, or the trial number under NNI); its value is the row's
+            ``val_top1``. The budget gate and duplicate handling stay the same.
+        fidelity: the rows' ``fidelity`` (default ``scratch``, or ``objective`` with one).
     """
 
     def __init__(
@@ -82,6 +80,8 @@ class CandidateEvaluator:
         results: ResultsTable,
         keep_weights: int = 3,
         on_record: Callable[[TrialRecord], None] | None = None,
+        objective: Callable[[Candidate, Any], float] | None = None,
+        fidelity: str | None = None,
     ) -> None:
         self.budget = budget
         self.data = data
@@ -89,6 +89,8 @@ class CandidateEvaluator:
         self.results = results
         self.keep_weights = keep_weights
         self.on_record = on_record
+        self.objective = objective
+        self.fidelity = fidelity or ("scratch" if objective is None else "objective")
         self.counters = SearchCounters()
 
     def cost(self, arch: ArchSpec) -> tuple[int, int, list[str]]:
@@ -97,18 +99,22 @@ class CandidateEvaluator:
 
     def evaluate(
         self,
-        candidate: _Candidate,
+        candidate: Candidate,
         trial: int,
         engine: str,
         callback: EpochCallback | None = None,
         resume_key: int | None = None,
+        handle: Any = None,
+        origin: str = "search",
     ) -> TrialRecord:
         """Evaluate ``candidate`` as trial number ``trial`` and append its row to the table.
 
         ``resume_key`` names the per-epoch training checkpoint (default: the trial number); a
         retried trial passes the number of the trial it retries, so training resumes from that
         trial's last finished epoch. A KeyboardInterrupt during training records the row as
-        ``interrupted`` and is re-raised.
+        ``interrupted`` and is re-raised. ``handle`` is what a user ``objective`` gets as its
+        ``trial`` (default: the trial number). ``origin`` (``dynas.baselines.ORIGINS``) says who
+        proposed it.
         """
         self.counters.proposed += 1
         arch = candidate.arch
@@ -125,6 +131,8 @@ class CandidateEvaluator:
             tau_start=float(candidate.tau_start),
             anneal_fraction=float(candidate.anneal_fraction),
             params_json=json.dumps(dict(candidate.params), sort_keys=True, default=str),
+            fidelity=self.fidelity,
+            origin=origin,
         )
         if violations:
             self.counters.rejected += 1
@@ -143,7 +151,10 @@ class CandidateEvaluator:
             key = resume_key if resume_key is not None else trial
             running = self.results.run_dir / "checkpoints" / "running" / f"trial_{key:05d}.pt"
             try:
-                self._train(candidate, row, callback, running)
+                if self.objective is not None:
+                    self._score(candidate, row, trial if handle is None else handle)
+                else:
+                    self._train(candidate, row, callback, running)
             except KeyboardInterrupt:
                 row.state, row.reason = "interrupted", "stopped by a signal; rerunning the command continues it"
                 self._append(row)
@@ -165,8 +176,17 @@ class CandidateEvaluator:
         if self.on_record is not None:
             self.on_record(row)
 
+    def _score(self, candidate: Candidate, row: TrialRecord, handle: Any) -> None:
+        start = time.perf_counter()
+        value = self.objective(candidate, handle)  # type: ignore[misc]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DynasError(f"`objective` must return a finite number, but returned {value!r} for {row.arch!r}.")
+        self.counters.trained += 1
+        row.train_seconds = time.perf_counter() - start
+        row.val_top1 = row.best_val_top1 = float(value)
+
     def _train(
-        self, candidate: _Candidate, row: TrialRecord, callback: EpochCallback | None, checkpoint: Path
+        self, candidate: Candidate, row: TrialRecord, callback: EpochCallback | None, checkpoint: Path
     ) -> None:
         config = dataclasses.replace(
             self.train_config,
@@ -209,13 +229,10 @@ class CandidateEvaluator:
         rel = f"checkpoints/trial_{row.trial:05d}.pt"
         path = self.results.run_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".pt.tmp")
         # tau is not part of the state dict: keep the one training ended at, for inference (a
         # custom or unfinished schedule may stop above tau_end).
         tau = current_temperature(model, default=self.train_config.tau_end)
-        payload = {"arch": arch.to_dict(), "state_dict": model.state_dict(), "trial": row.trial, "temperature": tau}
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        save_model(path, model, arch, tau, trial=row.trial)
         for old in ranked[self.keep_weights - 1 :]:
             _unlink(self.results.run_dir / old["checkpoint"])
         return rel

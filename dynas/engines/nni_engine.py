@@ -34,15 +34,17 @@ import math
 import os
 import pickle
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from dynas.errors import DynasError, did_you_mean
-from dynas.search.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
-from dynas.search.results import TrialRecord
+from dynas.checks import check_int, check_name
+from dynas.errors import DynasError
+from dynas.spaces import SearchSpace
+from dynas.engines.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
+from dynas.results import TrialRecord
 
 try:
     with warnings.catch_warnings():
@@ -111,19 +113,14 @@ class DynasModelSpace(ModelSpace):
         }
 
 
-def nni_choices(space: Any) -> list[tuple[str, list[Any]]]:
+def nni_choices(space: SearchSpace) -> list[tuple[str, list[Any]]]:
     """The ``(label, values)`` pairs of ``space.choices()``, in order: the NNI space's mutables."""
     return [(choice.label, list(choice.values)) for choice in space.choices()]
 
 
-def _check_name(kind: str, name: str, options: Sequence[str]) -> None:
-    if name not in options:
-        raise DynasError(f"unknown {kind} {name!r}; choose one of {', '.join(options)}.{did_you_mean(name, options)}")
-
-
-def make_strategy(name: str, space: Any, n_trials: int, seed: int | None) -> Strategy:
+def make_strategy(name: str, space: SearchSpace, n_trials: int, seed: int | None) -> Strategy:
     """An NNI 3.0 multi-trial strategy by name (``STRATEGIES``), seeded; all maximise the metric."""
-    _check_name("strategy", name, STRATEGIES)
+    check_name("strategy", name, STRATEGIES)
     choices = space.choices()
     if name == "random":
         return Random(seed=seed)
@@ -166,7 +163,7 @@ def _report_epoch(epoch: int, val_top1: float) -> None:
     nni.report_intermediate_result(float(val_top1))
 
 
-def _evaluate_sample(model: DynasModelSpace, space: Any, evaluator: CandidateEvaluator) -> None:
+def _evaluate_sample(model: DynasModelSpace, space: SearchSpace, evaluator: CandidateEvaluator) -> None:
     """The NNI trial: decode the frozen sample, train it through the shared evaluator, report."""
     candidate = space.decode(model.params)
     record = evaluator.evaluate(candidate, _next_trial(evaluator), ENGINE, _report_epoch)
@@ -189,7 +186,7 @@ class _BudgetGate(Filter):
     or after ``MAX_REJECTIONS_PER_TRIAL * n_trials`` rejections.
     """
 
-    def __init__(self, space: Any, evaluator: CandidateEvaluator, n_trials: int) -> None:
+    def __init__(self, space: SearchSpace, evaluator: CandidateEvaluator, n_trials: int) -> None:
         self.max_rejected = MAX_REJECTIONS_PER_TRIAL * n_trials
         super().__init__(self._admit, metric_for_invalid=0.0, patience=self.max_rejected + 1)
         self.space = space
@@ -226,7 +223,7 @@ def _nni_logging(verbose: bool) -> Iterator[None]:
 
 
 def run_nni_search(
-    space: Any,
+    space: SearchSpace,
     evaluator: CandidateEvaluator,
     *,
     n_trials: int,
@@ -236,6 +233,8 @@ def run_nni_search(
     port: int = 8081,
     host: str = "127.0.0.1",
     verbose: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    baselines: Sequence[Any] = (),
 ) -> pd.DataFrame:
     """Search ``space`` with an NNI 3.0 strategy; every candidate goes through ``evaluator``.
 
@@ -251,16 +250,27 @@ def run_nni_search(
         port: ``local`` only: port of NNI's manager and web UI.
         host: ``local`` only: the address the manager listens on; loopback unless you ask.
         verbose: let NNI log at INFO.
+        on_ready: called once the arguments are checked, before the first trial.
+        baselines: :class:`dynas.baselines.Baseline` evaluated first, in this process; they count
+            towards ``n_trials``.
 
     Returns:
         The rows this run appended to the results table (``evaluator.results.frame()`` has all):
         ``n_trials`` evaluated ones plus the rejections, or fewer when the strategy runs out of
         new samples (a walked grid).
     """
-    if n_trials < 1:
-        raise DynasError(f"`trials` must be >= 1, but got trials={n_trials}.")
-    _check_name("execution", execution, EXECUTIONS)
+    check_int("trials", n_trials, 1)
+    check_name("execution", execution, EXECUTIONS)
+    make_strategy(strategy, space, n_trials, seed)  # a bad name or a too large grid fails first
+    if on_ready is not None:
+        on_ready()
     first_trial = _next_trial(evaluator)
+    for baseline in baselines[:n_trials]:
+        evaluator.evaluate(baseline.candidate, _next_trial(evaluator), ENGINE, origin=baseline.origin)
+    n_trials -= min(len(baselines), n_trials)
+    if n_trials == 0:
+        frame = evaluator.results.frame()
+        return frame[(frame["trial"] >= first_trial) & (frame["engine"] == ENGINE)].reset_index(drop=True)
     with _nni_logging(verbose):
         gate = _BudgetGate(space, evaluator, n_trials)
         chain = Chain(make_strategy(strategy, space, n_trials, seed), gate)
@@ -286,7 +296,7 @@ def _run_sequential(model_space: DynasModelSpace, nni_evaluator: FunctionalEvalu
 
 
 def _run_local(
-    space: Any,
+    space: SearchSpace,
     evaluator: CandidateEvaluator,
     model_space: DynasModelSpace,
     chain: Chain,

@@ -1,4 +1,4 @@
-"""The search-space contract: labelled choices, conditional activity, decoding to a spec.
+"""Search spaces: the contract (labelled choices, conditional activity, decoding to a spec) and the registry.
 
 A space is a list of :class:`Choice` (label -> allowed values). A sampler proposes a flat dict
 ``{label: value}`` (NNI proposes every label, Optuna only those it is asked), :meth:`decode`
@@ -7,9 +7,8 @@ keeps the active ones and turns them into a :class:`Candidate` (an
 
 Adding a space takes one file: subclass :class:`SearchSpace` and register it::
 
+    from dynas.spaces import Candidate, Choice, SearchSpace, register_space
     from dynas.spec import ArchSpec, BlockSpec, StageSpec
-    from search_spaces import register_space
-    from search_spaces._base import Candidate, Choice, SearchSpace
 
     @register_space
     class TinySpace(SearchSpace):
@@ -33,21 +32,44 @@ Adding a space takes one file: subclass :class:`SearchSpace` and register it::
 
 Choices must be listed so that every label in a ``depends_on`` comes before the choice itself:
 :meth:`SearchSpace.suggest` asks them in that order.
+
+The registry finds spaces in three places, on first use: the ``search_spaces`` folder beside
+dynas (every public module in it is imported: drop a file there), the ``dynas.search_spaces``
+entry-point group (an installed package), and any module that calls :func:`register_space`.
+
+>>> list_spaces()
+['k_tau', 'mobile_cifar', 'mobile_imagenet']
+>>> get_space("mobile_cifar", num_classes=100).smallest().num_classes
+100
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
+import itertools
+import pkgutil
 import random
+import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from dynas.errors import DynasError, did_you_mean
 from dynas.spec import ArchSpec
 
-__all__ = ["Candidate", "Choice", "SearchSpace", "TrialLike"]
+__all__ = [
+    "Candidate",
+    "Choice",
+    "SearchSpace",
+    "TrialLike",
+    "discover_spaces",
+    "get_space",
+    "list_spaces",
+    "register_space",
+]
 
 
 class TrialLike(Protocol):
@@ -106,7 +128,8 @@ class SearchSpace(abc.ABC):
 
     Subclasses set :attr:`name` and implement :meth:`choices` and :meth:`make_candidate`;
     a space with dependent choices also overrides :meth:`is_active`. The constructor should
-    accept ``input_size`` and ``num_classes`` keywords (the CLI passes the data set's).
+    accept ``input_size`` and ``num_classes`` keywords (a search passes the data set's), and
+    ``in_channels`` to search on grayscale data.
     """
 
     name: ClassVar[str]
@@ -191,5 +214,116 @@ class SearchSpace(abc.ABC):
         """The arch taking the largest value of every active choice (the most expensive)."""
         return self.make_candidate(self._walk(lambda c, _: max(c.values))).arch
 
+    def uniform_candidates(self) -> list[Candidate]:
+        """Every *uniform* candidate: each kind of choice takes the same value in every block.
+
+        A choice's kind is its label without the ``s{i}_`` / ``s{i}_b{j}_`` prefix (``kernel``,
+        ``depth``, ``num_kernels``, ...); a kind whose allowed values differ between stages
+        takes the same position in each (clipped to the last). ``tau_start`` and
+        ``anneal_fraction`` are training settings: they take their middle value.
+        """
+        kinds: dict[str, int] = {}
+        for choice in self.choices():
+            kind = _kind(choice.label)
+            kinds[kind] = max(kinds.get(kind, 0), len(choice.values))
+        searched = [k for k in kinds if k not in _SCHEDULE_KINDS]
+        candidates = []
+        for position in itertools.product(*(range(kinds[k]) for k in searched)):
+            at = dict(zip(searched, position))
+
+            def value_of(choice: Choice, _: dict[str, Any]) -> Any:
+                kind = _kind(choice.label)
+                index = len(choice.values) // 2 if kind in _SCHEDULE_KINDS else min(at[kind], len(choice.values) - 1)
+                return choice.values[index]
+
+            candidates.append(self.make_candidate(self._walk(value_of)))
+        return candidates
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, choices={len(self.choices())})"
+
+
+_SCHEDULE_KINDS = ("tau_start", "anneal_fraction")
+
+
+def _kind(label: str) -> str:
+    """``s2_b1_kernel`` -> ``kernel``; ``s3_depth`` -> ``depth``; ``width`` -> ``width``."""
+    return re.sub(r"^s\d+_(b\d+_)?", "", label)
+
+
+# ----------------------------------------------------------------------------- registry
+
+#: The drop-in folder of spaces, shipped beside dynas.
+_FOLDER = "search_spaces"
+
+_S = TypeVar("_S", bound=type[SearchSpace])
+_REGISTRY: dict[str, type[SearchSpace]] = {}
+
+
+def register_space(space: _S) -> _S:
+    """Register a :class:`SearchSpace` subclass under its ``name`` (usable as a class decorator).
+
+    Raises:
+        TypeError: ``space`` is not a SearchSpace subclass, or has no string ``name``.
+        DynasError: another space is registered under that name.
+    """
+    if not (isinstance(space, type) and issubclass(space, SearchSpace)):
+        raise TypeError(f"`space` must be a SearchSpace subclass, but got space={space!r}.")
+    name = getattr(space, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"`{space.__name__}.name` must be a non-empty string, but got name={name!r}.")
+    if name in _REGISTRY:
+        raise DynasError(
+            f"a search space named {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
+            f"choose another `name` for {space.__qualname__}."
+        )
+    _REGISTRY[name] = space
+    return space
+
+
+def list_spaces() -> list[str]:
+    """The registered space names, sorted."""
+    _discover_once()
+    return sorted(_REGISTRY)
+
+
+def get_space(name: str, **kwargs: Any) -> SearchSpace:
+    """A new instance of the space registered as ``name``; ``kwargs`` go to its constructor.
+
+    Raises:
+        DynasError: no space has that name (with a close-match suggestion).
+    """
+    _discover_once()
+    if name not in _REGISTRY:
+        raise DynasError(
+            f"unknown search space {name!r}.{did_you_mean(name, _REGISTRY)} "
+            f"Registered spaces: {', '.join(list_spaces())}."
+        )
+    return _REGISTRY[name](**kwargs)
+
+
+_DISCOVERED = False
+
+
+def _discover_once() -> None:
+    if not _DISCOVERED:
+        discover_spaces()
+
+
+def discover_spaces() -> None:
+    """Import every public module of the ``search_spaces`` folder and every ``dynas.search_spaces`` entry point.
+
+    Each registers its spaces on import; a module already imported is not imported again. The
+    registry calls it on its first lookup; call it again to pick up a file added since.
+    """
+    global _DISCOVERED
+    _DISCOVERED = True
+    try:
+        package = importlib.import_module(_FOLDER)
+    except ModuleNotFoundError:
+        package = None
+    for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{_FOLDER}.{info.name}")
+    for entry in entry_points(group="dynas.search_spaces"):
+        entry.load()

@@ -1,0 +1,332 @@
+"""The commands behind ``dynas COMMAND``: each takes the parsed arguments and returns an exit code.
+
+They are thin: the work is done by the library (:func:`dynas.study.search`,
+:func:`dynas.export.export_run`, :func:`dynas.report.write_report`, ...); a command reads its
+arguments, calls it and prints what a person needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dynas.config import load_run_data, train_config, write_resolved
+from dynas.errors import DynasError
+
+__all__ = ["COMMANDS"]
+
+logger = logging.getLogger("dynas")
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _read_enqueue(path: str | None) -> list[dict[str, Any]]:
+    if path is None:
+        return []
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DynasError(f"enqueue file {path!r} does not exist.") from None
+    except IsADirectoryError:
+        raise DynasError(f"enqueue file {path!r} is a folder, not a JSON file.") from None
+    except UnicodeDecodeError:
+        raise DynasError(f"enqueue file {path!r} is not UTF-8 text.") from None
+    except json.JSONDecodeError as err:
+        raise DynasError(f"enqueue file {path!r} is not valid JSON: {err}") from None
+    items = data if isinstance(data, list) else [data]
+    if not all(isinstance(item, dict) for item in items):
+        raise DynasError(f"enqueue file {path!r} must hold a JSON object of choices or a list of them.")
+    return items
+
+
+def _prepare_run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise DynasError(f"run directory {path!r} is not writable: {err.strerror}.") from None
+    return run_dir
+
+
+class _TrialProgress:
+    """A progress bar over trials that shows the best validation top-1 so far (and, verbose, a line per trial).
+
+    Over-budget proposals are not trials (they cost no training): they show as a count only.
+    """
+
+    def __init__(self, total: int, quiet: bool, verbose: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="trials", unit="trial", disable=quiet)
+        self.verbose = verbose
+        self.best = float("-inf")
+        self.rejected = 0
+
+    def update(self, record: Any) -> None:
+        if record.state in ("complete", "duplicate"):
+            self.best = max(self.best, record.val_top1)
+        self.rejected += record.state == "rejected"
+        if self.verbose:
+            top1 = "" if record.val_top1 != record.val_top1 else f", val top-1 {record.val_top1:.2f}%"
+            why = f" ({record.reason})" if record.reason else ""
+            self.bar.write(f"trial {record.trial}: {record.state}{why}, MACs {_fmt(record.macs)}{top1}: {record.arch}")
+        best = f"{self.best:.2f}" if self.best > float("-inf") else "-"
+        self.bar.set_postfix(best_top1=best, rejected=self.rejected)
+        if record.state != "rejected":
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _print_summary(result: Any, run_dir: Path) -> None:
+    c = result.counters
+    print(
+        f"\nthis run: {c.proposed} candidates proposed, {c.rejected} rejected over budget (never trained), "
+        f"{c.trained} trained ({c.pruned} pruned, {c.failed} failed), {c.duplicates} duplicates reused"
+    )
+    frame = result.frame
+    base = frame[frame["origin"].astype(str).str.startswith("baseline")] if "origin" in frame else frame.iloc[:0]
+    if not base.empty:
+        kinds = ", ".join(f"{row['origin']} trial {row['trial']} ({row['state']}"
+                          + (f", val top-1 {row['val_top1']:.2f}%" if row["state"] == "complete" else "") + ")"
+                          for _, row in base.iterrows())
+        print(f"baselines: {len(base)} of the trials ({kinds})")
+    best = result.best
+    if best is None:
+        print("no trial completed yet; rerun the same command to continue.")
+    else:
+        print(
+            f"best architecture (trial {best['trial']}): {best['arch']}\n"
+            f"  MACs {_fmt(best['macs'])}, params {_fmt(best['params'])}, val top-1 {best['val_top1']:.2f}%"
+        )
+    print(f"results: {run_dir / 'results.csv'} and {run_dir / 'results.jsonl'}\nrun directory: {run_dir.resolve()}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from dynas.engines.storage import default_storage
+    from dynas.study import search
+
+    if args.max_macs is None:
+        raise DynasError("a search needs a MAC budget: give --max-macs (e.g. 5M) or `max_macs` in the config.")
+    _check_engine_names(args)  # before loading any data
+    _check_space_name(args.space)
+    enqueued = _read_enqueue(args.enqueue)
+    config = train_config(vars(args), quiet=True)  # candidates train quietly: the trial bar shows progress
+    if args.evaluator == "supernet" and not args.supernet:
+        raise DynasError("--evaluator supernet needs --supernet PATH (the supernet.pt of `dynas supernet`).")
+    run_dir = _prepare_run_dir(args.run_dir)
+    data = load_run_data(vars(args))
+    objective = _supernet_objective(args, data) if args.evaluator == "supernet" else None
+    progress: _TrialProgress | None = None
+
+    def ready() -> None:  # everything checked, the study open: now the run's record is written
+        nonlocal progress
+        write_resolved(args, run_dir / "config.yaml")
+        progress = _TrialProgress(args.trials, quiet=args.quiet, verbose=args.verbose)
+
+    result = search(
+        args.space,
+        max_macs=args.max_macs,
+        max_params=args.max_params,
+        max_latency_ms=args.max_latency_ms,
+        data=data,
+        objective=objective,
+        fidelity=args.evaluator,
+        baselines=args.baselines,
+        n_trials=args.trials,
+        engine=args.engine,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        metric=args.objective,
+        storage=(args.storage or default_storage(run_dir)) if args.engine == "optuna" else None,
+        study_name=args.study_name or run_dir.name,
+        run_dir=run_dir,
+        train_config=config,
+        keep_weights=args.keep_weights,
+        enqueue=enqueued,
+        seed=args.seed,
+        timeout=args.timeout,
+        strategy=args.strategy,
+        execution=args.execution,
+        host=args.host,
+        port=args.port,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+        on_record=lambda record: progress.update(record) if progress is not None else None,
+        on_ready=ready,
+    )
+    if progress is not None:
+        progress.close()
+    _print_summary(result, run_dir)
+    return 0
+
+
+def _supernet_objective(args: argparse.Namespace, data: Any) -> Any:
+    """Score candidates with the supernet's weights; a file of another space, size or class count is refused here."""
+    from dynas.spaces import get_space
+    from dynas.study import supernet_objective
+    from dynas.supernet import load_supernet
+
+    space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
+    supernet = load_supernet(args.supernet, space=space)
+    return supernet_objective(supernet, data, calib_images=args.calib_images, seed=args.seed, device=args.device)
+
+
+def cmd_supernet(args: argparse.Namespace) -> int:
+    from dynas.spaces import get_space
+    from dynas.supernet import Supernet, SupernetTrainConfig, train_supernet
+
+    _check_space_name(args.space)
+    config = SupernetTrainConfig(
+        train=train_config(vars(args), quiet=args.quiet), num_random=args.num_random, distill=args.distill,
+        val_calib_images=args.val_calib_images,
+    )
+    run_dir = _prepare_run_dir(args.run_dir)
+    data = load_run_data(vars(args))
+    space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
+    supernet = Supernet(space)
+    write_resolved(args, run_dir / "config.yaml")
+    result = train_supernet(supernet, data, config, run_dir=run_dir)
+    last = lambda values: f"{values[-1]:.2f}%" if values else "-"  # noqa: E731
+    print(f"supernet trained for {result.epochs_run} epochs in {result.train_seconds:.0f} s: val top-1 "
+          f"{last(result.val_top1_largest)} (largest), {last(result.val_top1_smallest)} (smallest)")
+    print(f"supernet: {run_dir / 'supernet.pt'}; search with "
+          f"`dynas search --evaluator supernet --supernet {run_dir / 'supernet.pt'} --space {args.space} ...`")
+    return 0
+
+
+def _check_engine_names(args: argparse.Namespace) -> None:
+    from dynas.checks import check_name
+
+    if args.engine == "optuna":
+        from dynas.engines.samplers import OBJECTIVES, PRUNERS, SAMPLERS
+
+        checks = [("sampler", args.sampler, SAMPLERS), ("pruner", args.pruner, PRUNERS), ("objective", args.objective, list(OBJECTIVES))]
+    else:
+        try:
+            from dynas.engines.nni_engine import EXECUTIONS, STRATEGIES
+        except ImportError as err:
+            raise DynasError(f"--engine nni needs NNI: pip install 'dynas[nni]' ({err}).") from None
+
+        checks = [("strategy", args.strategy, STRATEGIES), ("execution", args.execution, EXECUTIONS)]
+    for kind, name, options in checks:
+        check_name(kind, name, options)
+
+
+def _check_space_name(name: str) -> None:
+    from dynas.checks import check_name
+    from dynas.spaces import list_spaces
+
+    check_name("search space", name, list_spaces())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dynas.cost import closed_form_macs, closed_form_params
+    from dynas.models import create_model, read_arch, save_model
+    from dynas.temperature import current_temperature
+    from dynas.training import evaluate, train_candidate
+
+    arch = read_arch(args.arch)
+    config = train_config(vars(args))
+    data = load_run_data(vars(args))
+    if (arch.input_size, arch.num_classes) != (data.input_size, data.num_classes):
+        raise DynasError(
+            f"the architecture expects {arch.input_size}x{arch.input_size} inputs and {arch.num_classes} "
+            f"classes, but dataset {args.dataset!r} gives {data.input_size}x{data.input_size} and "
+            f"{data.num_classes}; pass --input-size or use a matching architecture."
+        )
+    out = _prepare_run_dir(args.out)
+    write_resolved(args, out / "config.yaml")
+    model = create_model(arch, in_channels=data.in_channels)
+    result = train_candidate(model, data, config, checkpoint_path=out / "checkpoint.pt")
+    test_top1 = evaluate(model, data, "test", device=config.device)
+    tau = current_temperature(model, default=config.tau_end)  # where training's schedule ended
+    save_model(out / "model.pt", model, model.arch, tau, mean=list(data.mean), std=list(data.std))
+    metrics = {
+        "arch": model.arch.to_str(),
+        "macs": closed_form_macs(model.arch),
+        "params": closed_form_params(model.arch),
+        "val_top1_history": result.val_top1,
+        "best_val_top1": result.best_val_top1,
+        "test_top1": test_top1,
+        "train_seconds": result.train_seconds,
+        "final_loss": result.final_loss,
+        "attention_entropy": result.attention_entropy,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    print(f"test top-1 {test_top1:.2f}%; wrote {out / 'model.pt'} and {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dynas.export import export_run
+
+    select = "top" if args.top else args.select
+    exported = export_run(
+        args.run_dir,
+        args.out,
+        select=select,
+        top=args.top or 3,
+        trials=args.trials,
+        retrain_epochs=args.retrain_epochs,
+        latency=args.latency,
+    )
+    for item in exported:
+        print(f"trial {item.trial}: {item.folder} (ONNX max abs diff {item.onnx_max_abs_diff:.1e})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dynas.report import write_report
+
+    print(write_report(Path(args.run_dir), top=args.top))
+    return 0
+
+
+def cmd_spaces(args: argparse.Namespace) -> int:
+    from dynas.cost import closed_form_macs
+    from dynas.spaces import get_space, list_spaces
+
+    for name in list_spaces():
+        space = get_space(name)
+        lo, hi = closed_form_macs(space.smallest()), closed_form_macs(space.largest())
+        print(f"{name}: {len(space.choices())} choices, {_fmt(lo)}-{_fmt(hi)} MACs at {space.smallest().input_size}px")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from dynas.counting import count_macs
+    from dynas.latency import measure_latency
+    from dynas.models import create_model, read_arch
+
+    arch = read_arch(args.arch)
+    report = count_macs(arch)
+    print(f"{arch.to_str()}\nMACs {_fmt(report.total_macs)}, params {_fmt(report.params)}")
+    if args.by_module:
+        print(report.by_module.to_string(index=False))
+    if args.latency:
+        ms = measure_latency(create_model(arch), (arch.in_channels, arch.input_size, arch.input_size))
+        print(f"CPU latency at batch 1: {ms:.2f} ms")
+    return 0
+
+
+#: Subcommand (and alias) -> function.
+COMMANDS = {
+    "search": cmd_search,
+    "worker": cmd_search,
+    "supernet": cmd_supernet,
+    "train": cmd_train,
+    "export": cmd_export,
+    "report": cmd_report,
+    "spaces": cmd_spaces,
+    "profile": cmd_profile,
+}

@@ -1,0 +1,321 @@
+"""Does a supernet rank subnets as stand-alone training does? Kendall tau within a MAC band.
+
+1. Train a weight-sharing supernet of ``mobile_cifar`` (sandwich rule, in-place distillation;
+   :func:`dynas.supernet.train_supernet`), resumable in ``--out/supernet``.
+2. Sample ``--num-subnets`` subnets stratified over a MAC band (closed-form MACs at the data's
+   resolution): ``--strata`` equal-width MAC bins, each holding as many static-only subnets (no
+   dynamic block) as subnets drawn from the whole space (almost always mixed static / dynamic).
+3. Score each with inherited weights (BN recalibration, then val top-1; :func:`score_subnet`).
+4. Train each stand-alone with the same recipe (the supernet's per-step recipe, ``--epochs``
+   epochs) for ``--seeds`` seeds; the stand-alone accuracy is the final val top-1, seed mean.
+5. Report Kendall tau (within the band) between supernet and stand-alone top-1, against the
+   stand-alone seed-to-seed tau (the ceiling a proxy can reach) and MACs alone (the floor), the
+   tau within static-only and within dynamic subnets, and seconds per scored candidate against
+   seconds per stand-alone training.
+
+The sampled ``tau_start`` / ``anneal_fraction`` choices play no part: every network anneals tau
+from ``--tau-start`` over ``--anneal-fraction`` of its steps. On the shared JPEG (q75) CIFAR-10
+pack absolute accuracies sit 1-2.5 points under exact pixels; rankings are what is compared.
+
+    python ../shared/data/cifar10/to_batches.py ../shared/data/cifar10/cifar10_full_jpegq75_pack.npz ~/.cache/cifar/full
+    python experiments/supernet_ranking.py --data-root ~/.cache/cifar/full/cifar-10-batches-py \\
+        --supernet-epochs 30 --epochs 10 --num-subnets 24 --mac-band 5M:15M
+
+A smoke run (seconds; digits at 16x16, where MACs are a quarter of 32x32's)::
+
+    python experiments/supernet_ranking.py --dataset digits --input-size 16 --train-subset 300 \\
+        --supernet-epochs 2 --epochs 2 --max-steps-per-epoch 3 --batch-size 32 --num-subnets 4 \\
+        --strata 2 --mac-band 0.8M:2.5M --calib-images 64 --num-threads 1 --quiet --out /tmp/ranking
+
+Stand-alone results are appended to ``--out/standalone.jsonl`` as they finish, and a rerun skips
+those already there; ``results.jsonl`` (one row per subnet), ``summary.json`` and
+``config.yaml`` are written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynas.builder import build_model
+from dynas.config import apply_config, write_resolved
+from dynas.cost import closed_form_macs, closed_form_params, parse_count
+from dynas.data import DATASETS, DataBundle, load_data
+from dynas.errors import DynasError
+from dynas.spec import ArchSpec
+from dynas.supernet import Supernet, SupernetTrainConfig, score_subnet, train_supernet
+from dynas.training import TrainConfig, train_candidate
+from search_spaces.mobile import MobileCifarSpace
+
+__all__ = ["Subnet", "build_parser", "kendall_tau", "main", "parse_band", "sample_in_band"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Subnet:
+    """One sampled subnet: its arch, kind (``"static"`` or ``"dynamic"``), MACs and MAC bin."""
+
+    arch: ArchSpec
+    kind: str
+    macs: int
+    stratum: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--config file.yaml`` sets defaults that flags override."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    data.add_argument("--data-root", default=None, help="cifar-10-batches-py or its parent")
+    data.add_argument("--input-size", type=int, default=None, help="resize images (default: native; 32 for digits)")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train for validation")
+    data.add_argument("--train-subset", type=float, default=None, help="a count (>= 1) or a fraction of train")
+    band = parser.add_argument_group("subnets")
+    band.add_argument("--mac-band", default="5M:15M", help="LOW:HIGH closed-form MACs at the data's resolution")
+    band.add_argument("--num-subnets", type=int, default=16, help="subnets sampled in the band (>= 4)")
+    band.add_argument("--strata", type=int, default=4, help="equal-width MAC bins of the band")
+    sup = parser.add_argument_group("supernet")
+    sup.add_argument("--supernet-epochs", type=int, default=30)
+    sup.add_argument("--num-random", type=int, default=2, help="random subnets per step besides largest / smallest")
+    sup.add_argument("--no-distill", action="store_true", help="train every subnet on the labels")
+    sup.add_argument("--calib-images", type=int, default=2000, help="BN recalibration images per scored subnet")
+    train = parser.add_argument_group("training (the recipe of both)")
+    train.add_argument("--epochs", type=int, default=10, help="stand-alone epochs")
+    train.add_argument("--seeds", type=int, default=2, help="stand-alone seeds per subnet (>= 2 for the ceiling)")
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=0.05)
+    train.add_argument("--weight-decay", type=float, default=4e-5)
+    train.add_argument("--tau-start", type=float, default=30.0)
+    train.add_argument("--anneal-fraction", type=float, default=0.1, help="share of steps annealing tau to 1")
+    train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    train.add_argument("--seed", type=int, default=0, help="data split, sampling, supernet, calibration")
+    train.add_argument("--quiet", action="store_true")
+    parser.add_argument("--out", default="runs/supernet_ranking", help="folder for the supernet and the results")
+    return parser
+
+
+def parse_band(text: str) -> tuple[int, int]:
+    """``"5M:15M"`` -> ``(5_000_000, 15_000_000)``."""
+    low, sep, high = str(text).partition(":")
+    try:
+        band = (parse_count(low), parse_count(high)) if sep else None
+    except ValueError as err:
+        raise DynasError(f"`--mac-band` must be LOW:HIGH MACs such as 5M:15M, but got {text!r}: {err}.") from None
+    if band is None or band[0] >= band[1]:
+        raise DynasError(f"`--mac-band` must be LOW:HIGH MACs with LOW < HIGH, such as 5M:15M, but got {text!r}.")
+    return band
+
+
+def _static(space: MobileCifarSpace, params: dict[str, Any]) -> ArchSpec:
+    """The arch of ``params`` with every block static."""
+    return space.decode({k: (False if k.endswith("_dynamic") else v) for k, v in params.items()}).arch
+
+
+def sample_in_band(
+    space: MobileCifarSpace, band: tuple[int, int], num_subnets: int, strata: int, seed: int = 0, max_draws: int = 200_000
+) -> list[Subnet]:
+    """Distinct subnets stratified over ``band``: per MAC bin, static-only and dynamic alike.
+
+    Quotas per (bin, kind) differ by at most one. Each draw is a uniform sample of the space
+    (a "dynamic" subnet: it has a dynamic block) and the same sample made all static.
+
+    Raises:
+        DynasError: the quotas are not filled after ``max_draws`` draws (a band the space
+            barely reaches).
+    """
+    if num_subnets < 2 * strata or strata < 1:
+        raise DynasError(
+            f"`--num-subnets` must be >= 2 * `--strata` (a static and a dynamic subnet per bin), but got "
+            f"num_subnets={num_subnets}, strata={strata}."
+        )
+    low, high = band
+    cells = [(s, kind) for s in range(strata) for kind in ("static", "dynamic")]
+    quota = {cell: num_subnets // len(cells) + (i < num_subnets % len(cells)) for i, cell in enumerate(cells)}
+    rng = random.Random(seed)
+    chosen: dict[ArchSpec, Subnet] = {}
+    for _ in range(max_draws):
+        params = dict(space.sample(seed=rng.randrange(2**63)).params)
+        for arch in (space.decode(params).arch, _static(space, params)):
+            kind = "dynamic" if any(b.is_dynamic for b in arch.blocks) else "static"
+            macs = closed_form_macs(arch)
+            if not low <= macs < high or arch in chosen:
+                continue
+            stratum = min(strata - 1, (macs - low) * strata // (high - low))
+            if quota[(stratum, kind)] > 0:
+                quota[(stratum, kind)] -= 1
+                chosen[arch] = Subnet(arch, kind, macs, stratum)
+        if not any(quota.values()):
+            return sorted(chosen.values(), key=lambda s: s.macs)
+    left = {f"bin {s + 1} {kind}": n for (s, kind), n in quota.items() if n}
+    raise DynasError(
+        f"`--mac-band` {low}:{high} is barely reached by {space.name!r}: after {max_draws} draws still missing {left}; "
+        f"widen the band or use fewer `--num-subnets` / `--strata`."
+    )
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b of two equally long sequences (NaN when fewer than two or all tied)."""
+    if len(x) != len(y):
+        raise ValueError(f"`x` and `y` must have the same length, but got {len(x)} and {len(y)}.")
+
+    def sign(v: float) -> int:
+        return (v > 0) - (v < 0)
+
+    num = tx = ty = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            a, b = sign(x[i] - x[j]), sign(y[i] - y[j])
+            num += a * b
+            tx += a * a
+            ty += b * b
+    return num / math.sqrt(tx * ty) if tx and ty else math.nan
+
+
+def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig]:
+    """(supernet, stand-alone) configs: one recipe, each with its epochs."""
+    recipe = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        tau_start=args.tau_start,
+        anneal_fraction=args.anneal_fraction,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        device=args.device,
+        seed=args.seed,
+        num_threads=args.num_threads,
+        quiet=args.quiet,
+    )
+    supernet = SupernetTrainConfig(
+        train=dataclasses.replace(recipe, epochs=args.supernet_epochs),
+        num_random=args.num_random,
+        distill=not args.no_distill,
+        val_calib_images=args.calib_images,
+    )
+    return supernet, recipe
+
+
+def _standalone(subnets: list[Subnet], data: DataBundle, recipe: TrainConfig, seeds: int, path: Path) -> dict:
+    """(arch string, seed) -> {"top1", "seconds"}; reads and appends ``path`` (rerun-safe)."""
+    done: dict[tuple[str, int], dict[str, float]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            done[(row["arch"], row["seed"])] = {"top1": row["top1"], "seconds": row["seconds"]}
+    with path.open("a", encoding="utf-8") as out:
+        for subnet in subnets:
+            for seed in range(seeds):
+                key = (subnet.arch.to_str(), seed)
+                if key in done:
+                    continue
+                torch.manual_seed(seed)  # the init; the config's seed draws order, crops and dropout
+                result = train_candidate(build_model(subnet.arch), data, dataclasses.replace(recipe, seed=seed))
+                done[key] = {"top1": result.val_top1[-1], "seconds": result.train_seconds}
+                out.write(json.dumps({"arch": key[0], "seed": seed, **done[key]}) + "\n")
+                out.flush()
+    return done
+
+
+def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) -> dict[str, Any]:
+    def tau(subset: list[dict[str, Any]], a: str, b: str) -> float:
+        return kendall_tau([r[a] for r in subset], [r[b] for r in subset])
+
+    static = [r for r in rows if r["kind"] == "static"]
+    dynamic = [r for r in rows if r["kind"] == "dynamic"]
+    seed_tau = [kendall_tau([r["standalone_top1"][i] for r in rows], [r["standalone_top1"][i + 1] for r in rows])
+                for i in range(seeds - 1)]
+    score_s = sum(r["score_seconds"] for r in rows) / len(rows)
+    train_s = sum(sum(r["standalone_seconds"]) / seeds for r in rows) / len(rows)
+    return {
+        "subnets": len(rows),
+        "static_subnets": len(static),
+        "dynamic_subnets": len(dynamic),
+        "kendall_tau_supernet": tau(rows, "supernet_top1", "standalone_top1_mean"),
+        "kendall_tau_seed_to_seed": sum(seed_tau) / len(seed_tau) if seed_tau else math.nan,
+        "kendall_tau_macs": tau(rows, "macs", "standalone_top1_mean"),
+        "kendall_tau_supernet_static": tau(static, "supernet_top1", "standalone_top1_mean"),
+        "kendall_tau_supernet_dynamic": tau(dynamic, "supernet_top1", "standalone_top1_mean"),
+        "seconds_per_scored_subnet": score_s,
+        "seconds_per_standalone_training": train_s,
+        "supernet_train_seconds": supernet_seconds,
+    }
+
+
+def _report(summary: dict[str, Any], band: tuple[int, int]) -> str:
+    lines = [
+        f"{summary['subnets']} subnets in {band[0] / 1e6:g}M-{band[1] / 1e6:g}M MACs "
+        f"({summary['static_subnets']} static-only, {summary['dynamic_subnets']} dynamic)",
+        f"Kendall tau, supernet vs stand-alone:      {summary['kendall_tau_supernet']:+.3f}",
+        f"  ceiling, stand-alone seed vs seed:       {summary['kendall_tau_seed_to_seed']:+.3f}",
+        f"  floor, MACs alone:                       {summary['kendall_tau_macs']:+.3f}",
+        f"  within static-only subnets:              {summary['kendall_tau_supernet_static']:+.3f}",
+        f"  within dynamic subnets:                  {summary['kendall_tau_supernet_dynamic']:+.3f}",
+        f"seconds per scored subnet: {summary['seconds_per_scored_subnet']:.2f}; per stand-alone training: "
+        f"{summary['seconds_per_standalone_training']:.1f}; supernet training: {summary['supernet_train_seconds']:.0f}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train the supernet, sample, score, train stand-alone, and print the rank correlations."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        apply_config(parser, pre.config)
+    args = parser.parse_args(argv)
+    band = parse_band(args.mac_band)
+    if args.seeds < 1:
+        raise DynasError(f"`--seeds` must be an integer >= 1, but got seeds={args.seeds}.")
+    subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
+    data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
+                     input_size=args.input_size, seed=args.seed)
+    space = MobileCifarSpace(input_size=data.input_size, num_classes=data.num_classes)
+    subnets = sample_in_band(space, band, args.num_subnets, args.strata, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(args, out / "config.yaml")
+    supernet_config, recipe = _configs(args)
+    torch.manual_seed(args.seed)
+    supernet = Supernet(space)
+    trained = train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
+    scores = [score_subnet(supernet, s.arch, data, calib_images=args.calib_images, seed=args.seed,
+                           device=args.device) for s in subnets]
+    standalone = _standalone(subnets, data, recipe, args.seeds, out / "standalone.jsonl")
+    rows = []
+    for subnet, score in zip(subnets, scores):
+        runs = [standalone[(subnet.arch.to_str(), seed)] for seed in range(args.seeds)]
+        rows.append({
+            "arch": subnet.arch.to_str(),
+            "kind": subnet.kind,
+            "macs": subnet.macs,
+            "params": closed_form_params(subnet.arch),
+            "stratum": subnet.stratum,
+            "supernet_top1": score.top1,
+            "score_seconds": score.seconds,
+            "standalone_top1": [r["top1"] for r in runs],
+            "standalone_top1_mean": sum(r["top1"] for r in runs) / len(runs),
+            "standalone_seconds": [r["seconds"] for r in runs],
+        })
+    summary = _summary(rows, args.seeds, trained.train_seconds)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    # NaN (a tau of fewer than two distinct values) is not JSON: null.
+    strict = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
+    (out / "summary.json").write_text(json.dumps(strict, indent=2), encoding="utf-8")
+    print(_report(summary, band))
+    print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""The weight-sharing supernet: elastic ops, extraction, training (sandwich, resume, DDP), scoring, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from dynas.builder import build_model
+from dynas.cost import closed_form_macs
+from dynas.data import load_data, normalize
+from dynas.errors import DynasError
+from dynas.ops import DynamicConv2d
+from dynas.spec import ArchSpec
+from dynas.supernet import (
+    ElasticConv2d,
+    Supernet,
+    SupernetTrainConfig,
+    load_supernet,
+    recalibrate_bn,
+    score_subnet,
+    train_supernet,
+)
+from dynas.supernet.train import sandwich
+from dynas.training import TrainConfig
+from search_spaces.mobile import MobileCifarSpace, MobileImageNetSpace, StageConfig
+
+SIZE = 16  # mobile_cifar at 16x16: the same layers as at 32x32, a quarter of the pixels
+
+
+def _space(**kwargs) -> MobileCifarSpace:
+    return MobileCifarSpace(input_size=SIZE, **kwargs)
+
+
+class TinySpace(MobileCifarSpace):
+    """A small mobile space (not registered) for the multi-step training tests: every kind of
+    choice, a fraction of mobile_cifar's weights."""
+
+    name = "tiny_cifar"
+    widths = (0.5, 1.0)
+    num_kernels = (2, 4)
+    stages = (StageConfig(16, 2, (1, 2)), StageConfig(32, 2, (1, 2), activation="hswish"))
+    head_channels = 64
+
+
+def _randomize(supernet: Supernet, seed: int = 0) -> None:
+    """Weights and BN statistics far from their init, so that a wrong slice shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in supernet.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var") or (name.endswith("bn.weight")):
+                tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+            elif "attention.fc2" in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=g))  # attention far from uniform
+            elif not name.endswith("conv.weight"):  # conv kernels keep their (distinct) kaiming draws
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def supernet() -> Supernet:
+    torch.manual_seed(0)
+    net = Supernet(_space())
+    _randomize(net)
+    net.temperature = 1.0
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", input_size=SIZE, train_subset=96)
+
+
+def _covering_params(space: MobileCifarSpace) -> list[dict]:
+    """Params in which every value of every choice occurs, mixed across blocks.
+
+    One family keeps every block and makes it dynamic, so that each block's kernel, expansion,
+    SE and K take all their values; the other rotates depth and static / dynamic too.
+    """
+    choices = space.choices()
+    rounds = max(len(c.values) for c in choices)
+    params = []
+    for every_block in (True, False):
+        for t in range(rounds):
+            p = {c.label: c.values[(t + i) % len(c.values)] for i, c in enumerate(choices)}
+            if every_block:
+                p.update({c.label: max(c.values) for c in choices if c.label.endswith(("_depth", "_dynamic"))})
+            params.append(p)
+    return params
+
+
+def _test_archs() -> list[ArchSpec]:
+    space = _space()
+    archs = [space.decode(p).arch for p in _covering_params(space)]
+    archs += [space.sample(seed=s).arch for s in range(6)]
+    for k in space.num_kernels:  # every block dynamic with one K
+        params = dict(space.sample(seed=10 + k).params)
+        params.update({lbl: True for lbl in params if lbl.endswith("_dynamic")})
+        params.update({c.label: k for c in space.choices() if c.label.endswith("_num_kernels")})
+        archs.append(space.decode(params).arch)
+    return [space.largest(), space.smallest(), *archs]
+
+
+ARCHS = _test_archs()
+
+
+def test_the_test_archs_cover_every_value_of_every_choice(supernet):
+    space = supernet.space
+    seen: dict[str, set] = {}
+    for arch in ARCHS:
+        for label, value in supernet._params_of(arch, "arch").items():
+            seen.setdefault(label, set()).add(value)
+    for choice in space.choices():
+        if choice.label not in ("tau_start", "anneal_fraction"):
+            assert seen.get(choice.label) == set(choice.values), choice.label
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max().detach() / b.abs().max().detach())
+
+
+@pytest.mark.parametrize("index", range(len(ARCHS)))
+def test_extracted_subnet_computes_what_the_activated_supernet_computes(supernet, index):
+    arch = ARCHS[index]
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(index))
+    model = supernet.extract(arch).eval()
+    with torch.no_grad(), supernet.activate(arch):
+        expected = supernet(x)
+        got = model(x)
+    assert expected.abs().max() > 1e-3  # not a degenerate output
+    assert _relative_error(got, expected) < 1e-5
+    assert supernet.active_arch == supernet.largest  # activate restores what was active
+
+
+@pytest.mark.parametrize("space", [TinySpace(input_size=SIZE), MobileImageNetSpace(input_size=32, num_classes=7)])
+def test_other_mobile_spaces_extract_exactly_too(space):
+    torch.manual_seed(1)
+    net = Supernet(space)
+    _randomize(net, seed=1)
+    net.eval().temperature = 1.0
+    x = torch.randn(2, 3, space.input_size, space.input_size)
+    for arch in (space.largest(), space.smallest(), space.sample(seed=2).arch):
+        with torch.no_grad(), net.activate(arch):
+            assert _relative_error(net.extract(arch).eval()(x), net(x)) < 1e-5
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 5])
+def test_extracted_module_is_what_build_model_builds(supernet, index):
+    arch = ARCHS[index]
+    model, built = supernet.extract(arch), build_model(arch)
+    assert type(model) is type(built) and model.arch == arch
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
+
+
+def test_extract_takes_params_dicts_strings_and_candidates(supernet):
+    space = supernet.space
+    candidate = space.sample(seed=3)
+    params = {k: v for k, v in candidate.params.items() if k not in ("tau_start", "anneal_fraction")}
+    for form in (candidate, candidate.arch.to_str(), params, dict(candidate.params)):
+        assert supernet.resolve(form) == candidate.arch
+
+
+def test_extract_leaves_the_global_rng_alone(supernet):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    supernet.extract(ARCHS[3])
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ----------------------------------------------------------------------------- elastic conv
+
+
+def test_k1_is_exactly_the_static_conv_of_kernel_0_without_attention():
+    torch.manual_seed(0)
+    conv = ElasticConv2d(8, 16, 5, num_kernels=4)
+    with torch.no_grad():
+        for p in conv.attention.parameters():
+            p.fill_(float("nan"))  # any use of the attention would show
+    conv.set_active(12, 3, 1)
+    x = torch.randn(2, 6, 9, 9)
+    expected = F.conv2d(x, conv.weight[0, :12, :6, 1:4, 1:4], padding=1)
+    assert torch.equal(conv(x), expected)
+
+
+def test_k_uses_the_first_k_kernels_and_attention_logits_only():
+    torch.manual_seed(0)
+    conv = ElasticConv2d(8, 16, 1, num_kernels=8)
+    conv.temperature = 2.0
+    conv.set_active(16, 1, 4)
+    x = torch.randn(3, 8, 5, 5)
+    reference = DynamicConv2d(8, 16, 1, bias=False, num_kernels=4, temperature=2.0)
+    conv.copy_active_to(reference)
+    out = conv(x)
+    assert _relative_error(out, reference(x)) < 1e-5
+    with torch.no_grad():
+        conv.weight[4:].normal_()  # kernels beyond the prefix, and their logits
+        conv.attention.fc2.weight[4:].normal_()
+    assert torch.equal(conv(x), out)
+    conv.set_active(16, 1, 8)
+    assert not torch.allclose(conv(x), out)
+
+
+def test_depthwise_groups_follow_the_active_channels():
+    torch.manual_seed(0)
+    conv = ElasticConv2d(32, 32, 7, stride=2, depthwise=True)
+    conv.set_active(24, 5, 1)
+    x = torch.randn(2, 24, 8, 8)
+    expected = F.conv2d(x, conv.weight[0, :24, :, 1:6, 1:6], stride=2, padding=2, groups=24)
+    assert torch.equal(conv(x), expected)
+
+
+def test_set_active_rejects_sizes_beyond_the_largest():
+    conv = ElasticConv2d(8, 16, 5, num_kernels=4)
+    with pytest.raises(ValueError, match=r"`num_kernels` must be an integer in 1..4, but got num_kernels=6"):
+        conv.set_active(16, 5, 6)
+    with pytest.raises(ValueError, match=r"`kernel_size` must be an integer in 1..5, but got kernel_size=7"):
+        conv.set_active(16, 7, 1)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_gradients_reach_the_shared_weights_of_the_active_slice_only():
+    torch.manual_seed(0)
+    net = Supernet(_space())
+    arch = net.smallest  # all static, narrowest
+    with net.activate(arch):
+        net(torch.randn(4, 3, SIZE, SIZE)).logsumexp(dim=1).sum().backward()
+    weight = net.stages[0][0].project.conv.weight  # (K_max, Cout_max, Cin_max, 1, 1)
+    cout, cin = arch.stages[0].blocks[0].out_channels, net.stages[0][0].active.mid_channels
+    assert weight.grad[0, :cout, :cin].abs().sum() > 0
+    outside = weight.grad.clone()
+    outside[0, :cout, :cin] = 0
+    assert outside.abs().sum() == 0  # kernels 1.. and channels beyond the prefix: untouched
+    net.zero_grad(set_to_none=True)
+    net.temperature = 1.0
+    net(torch.randn(4, 3, SIZE, SIZE)).logsumexp(dim=1).sum().backward()  # the largest
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_save_and_load_round_trip(supernet, tmp_path):
+    supernet.progress = {"epochs_done": 3, "train_loss": [2.0, 1.5, 1.2]}
+    path = supernet.save(tmp_path / "supernet.pt")
+    loaded = load_supernet(path)
+    assert loaded.space.name == "mobile_cifar" and loaded.space.input_size == SIZE
+    assert loaded.temperature == supernet.temperature and loaded.progress == supernet.progress
+    assert not loaded.training
+    state = supernet.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad(), supernet.activate(ARCHS[4]), loaded.activate(ARCHS[4]):
+        assert torch.equal(loaded(x), supernet(x))
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_recalibrated_bn_statistics_are_the_mean_over_calibration_images(supernet, digits):
+    model = supernet.extract(ARCHS[2])
+    recalibrate_bn(model, digits, 64, seed=1, batch_size=32)
+    index = torch.randperm(len(digits.train), generator=torch.Generator().manual_seed(1))[:64].sort().values
+    x = normalize(digits.train.images[index], digits.mean, digits.std)
+    with torch.no_grad():
+        stem = model.stem.conv(x)  # (64, C, H, W), the first BN's input
+    assert torch.allclose(model.stem.bn.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+def test_score_subnet_is_seeded_and_leaves_the_supernet_unchanged(supernet, digits):
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    first = score_subnet(supernet, ARCHS[3], digits, calib_images=48, seed=2)
+    second = score_subnet(supernet, ARCHS[3], digits, calib_images=48, seed=2)
+    assert first.top1 == second.top1 and 0.0 <= first.top1 <= 100.0
+    assert first.arch == ARCHS[3] and first.calib_images == 48 and first.seconds > 0
+    assert all(torch.equal(v, before[k]) for k, v in supernet.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _tiny_config(epochs: int = 2, steps: int = 1, **kwargs) -> SupernetTrainConfig:
+    train = TrainConfig(epochs=epochs, batch_size=16, max_steps_per_epoch=steps, warmup_epochs=0.0, quiet=True)
+    return SupernetTrainConfig(train=train, num_random=1, **kwargs)
+
+
+def _fresh_supernet(space_class: type[MobileCifarSpace] = MobileCifarSpace) -> Supernet:
+    torch.manual_seed(0)
+    return Supernet(space_class(input_size=SIZE))
+
+
+def test_sandwich_is_largest_smallest_then_seeded_random_subnets(supernet):
+    archs = sandwich(supernet, step=7, num_random=3, seed=1)
+    assert archs[:2] == [supernet.largest, supernet.smallest] and len(archs) == 5
+    assert archs == sandwich(supernet, step=7, num_random=3, seed=1)
+    assert archs[2:] != sandwich(supernet, step=8, num_random=3, seed=1)[2:]
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    """One epoch of one step, validated: (supernet, its initial state, result, run_dir)."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    net = _fresh_supernet()
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    result = train_supernet(net, digits, _tiny_config(epochs=1, val_calib_images=32), run_dir=run_dir)
+    return net, init, result, run_dir
+
+
+def test_training_changes_the_weights_validates_and_writes_the_supernet(trained):
+    net, init, result, run_dir = trained
+    assert result.epochs_run == 1 and not result.stopped and result.path == run_dir / "supernet.pt"
+    assert len(result.val_top1_largest) == len(result.val_top1_smallest) == 1
+    assert all(0.0 <= t <= 100.0 for t in result.val_top1_largest + result.val_top1_smallest)
+    assert result.tau_end == 1.0 and net.temperature == 1.0 and not net.training
+    assert any(not torch.equal(v, init[k]) for k, v in net.state_dict().items())
+    saved = load_supernet(result.path)
+    assert saved.progress["epochs_done"] == 1 and saved.progress["val_top1_largest"] == result.val_top1_largest
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in saved.state_dict().items())
+
+
+def test_training_resumes_from_the_epoch_checkpoint_exactly(digits, tmp_path):
+    config = _tiny_config(steps=2, val_calib_images=16)
+    straight = _fresh_supernet(TinySpace)
+    result = train_supernet(straight, digits, config)
+    assert result.epochs_run == 2 and result.path is None
+
+    stop = lambda epoch, top1: True  # noqa: E731
+    first = train_supernet(_fresh_supernet(TinySpace), digits, config, run_dir=tmp_path, callback=stop)
+    assert first.stopped and first.epochs_run == 1 and (tmp_path / "checkpoint.pt").is_file()
+    resumed = _fresh_supernet(TinySpace)
+    second = train_supernet(resumed, digits, config, run_dir=tmp_path)  # the same command again
+    assert second.epochs_run == 2 and not second.stopped and second.train_loss == result.train_loss
+    state = straight.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in resumed.state_dict().items())
+    assert load_supernet(tmp_path / "supernet.pt").progress["train_loss"] == result.train_loss
+
+
+def test_a_checkpoint_of_another_supernet_or_run_is_refused(trained, digits, tmp_path):
+    state = torch.load(trained[3] / "checkpoint.pt", weights_only=True)
+    config = _tiny_config(epochs=1, val_calib_images=0)
+    torch.save({**state, "space": "mobile_imagenet"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(DynasError, match=r"checkpoint .* is of another supernet: `space` must be 'mobile_cifar'.*"
+                                         r"space='mobile_imagenet'"):
+        train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
+    torch.save({**state, "total_steps": 99}, tmp_path / "checkpoint.pt")
+    with pytest.raises(DynasError, match=r"total_steps=99, but this run has 1"):
+        train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DynasError, match=r"supernet checkpoint .* cannot be read as a torch file"):
+        train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    """One torchrun-like process: the environment torchrun sets, then train_supernet."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    torch.manual_seed(100 + rank)  # different inits: DDP must broadcast process 0's
+    net = Supernet(TinySpace(input_size=SIZE))
+    data = load_data("digits", input_size=SIZE, train_subset=96)
+    config = _tiny_config(epochs=1, steps=2, val_calib_images=0)
+    result = train_supernet(net, data, config, run_dir=run_dir)
+    torch.save({"state": net.state_dict(), "world_size": result.world_size}, Path(run_dir) / f"rank{rank}.pt")
+
+
+def test_ddp_with_two_gloo_processes_keeps_them_in_step(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["world_size"] == b["world_size"] == 2
+    # Parameters: gradients were reduced; BN statistics: process 0's were kept.
+    assert all(torch.equal(v, b["state"][k]) for k, v in a["state"].items())
+    torch.manual_seed(100)
+    init = Supernet(TinySpace(input_size=SIZE)).state_dict()
+    assert any(not torch.equal(v, init[k]) for k, v in a["state"].items())  # and it trained
+    assert load_supernet(tmp_path / "supernet.pt").progress["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("space", "match"),
+    [
+        (MobileImageNetSpace(input_size=SIZE, num_classes=10), r"`space` must be 'mobile_imagenet'.*space='mobile_cifar'"),
+        (MobileCifarSpace(input_size=32), r"`input_size` must be 32 .*input_size=16"),
+        (MobileCifarSpace(input_size=SIZE, num_classes=100), r"`num_classes` must be 100 .*num_classes=10"),
+    ],
+)
+def test_a_supernet_file_of_another_space_size_or_class_count_is_refused(supernet, tmp_path, space, match):
+    path = supernet.save(tmp_path / "supernet.pt")
+    with pytest.raises(DynasError, match=r"supernet file .*supernet.pt' is of another supernet: " + match):
+        load_supernet(path, space=space)
+
+
+def test_truncated_foreign_or_missing_files_are_refused(supernet, tmp_path):
+    path = supernet.save(tmp_path / "supernet.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DynasError, match=r"supernet file .*cut.pt' cannot be read as a torch file"):
+        load_supernet(tmp_path / "cut.pt")
+    torch.save({"state_dict": {}, "arch": {}}, tmp_path / "model.pt")
+    with pytest.raises(DynasError, match=r"model.pt' is not a dynas supernet: `format` must be 'dynas-supernet', "
+                                         r"but it holds format=None"):
+        load_supernet(tmp_path / "model.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(DynasError, match=r"tensor.pt' is not a dynas supernet: .*but it holds a Tensor"):
+        load_supernet(tmp_path / "tensor.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "pickle.pt")  # a pickled module: weights_only refuses it
+    with pytest.raises(DynasError, match=r"pickle.pt' cannot be read as a torch file"):
+        load_supernet(tmp_path / "pickle.pt")
+    with pytest.raises(DynasError, match=r"supernet file .*absent.pt' does not exist"):
+        load_supernet(tmp_path / "absent.pt")
+
+
+def _with_block(arch: ArchSpec, stage: int, block: int, **changes) -> ArchSpec:
+    stages = list(arch.stages)
+    blocks = list(stages[stage].blocks)
+    blocks[block] = dataclasses.replace(blocks[block], **changes)
+    stages[stage] = dataclasses.replace(stages[stage], blocks=tuple(blocks))
+    return dataclasses.replace(arch, stages=tuple(stages))
+
+
+def _bad_archs() -> list[tuple[object, str]]:
+    base = _space().sample(seed=4).arch
+    three_blocks = dataclasses.replace(base.stages[0], blocks=base.stages[0].blocks[:1] * 3)
+    return [
+        (_with_block(base, 0, 0, kernel_size=9), r"`s1_b1_kernel` must be one of \(3, 5, 7\), but got s1_b1_kernel=9"),
+        (_with_block(base, 1, 0, num_kernels=3), r"`s2_b1_num_kernels` must be one of \(2, 4, 6, 8\), but got s2_b1_num_kernels=3"),
+        (_with_block(base, 2, 0, expansion=5.0), r"`s3_b1_expansion` must be one of \(3.0, 4.0, 6.0\), but got s3_b1_expansion=5.0"),
+        (_with_block(base, 0, 0, activation="hswish"), r"block s1_b1's `activation` must be 'relu6', but got activation='hswish'"),
+        (_with_block(base, 0, 0, out_channels=24), r"channels \(stem, stages, head\) .* match no `width` of \(0.5, 0.75, 1.0\)"),
+        (dataclasses.replace(base, stages=(three_blocks, *base.stages[1:])), r"`s1_depth` must be one of \(1, 2\), but got s1_depth=3"),
+        (dataclasses.replace(base, stages=base.stages[:4]), r"it must have 5 stages, but got 4"),
+        (dataclasses.replace(base, num_classes=100), r"`num_classes` must be 10, but got num_classes=100"),
+        (dataclasses.replace(base, dropout=0.1), r"`dropout` must be 0.2, but got dropout=0.1"),
+        ({"width": 0.6}, r"params is not a subnet .*`width` must be one of \(0.5, 0.75, 1.0\), but got width=0.6"),
+        ({"widht": 0.5}, r"unknown label 'widht' .* Did you mean 'width'"),
+    ]
+
+
+@pytest.mark.parametrize(("arch", "match"), _bad_archs())
+def test_an_arch_outside_the_supernets_choices_is_refused(supernet, arch, match):
+    with pytest.raises(DynasError, match=match):
+        supernet.extract(arch)
+    with pytest.raises(DynasError, match=match):
+        with supernet.activate(arch):
+            pass
+
+
+def test_data_that_does_not_fit_the_supernet_is_refused(supernet, digits):
+    wide = load_data("digits", input_size=32, train_subset=32)
+    with pytest.raises(DynasError, match=r"data 'digits' does not fit the 'mobile_cifar' supernet: `input_size` must be 16, but the data has input_size=32"):
+        score_subnet(supernet, supernet.smallest, wide)
+    with pytest.raises(DynasError, match=r"`input_size` must be 16"):
+        train_supernet(_fresh_supernet(), wide, _tiny_config())
+    with pytest.raises(DynasError, match=r"`split` must be one of \('train', 'val', 'test'\), but got 'vla'"):
+        score_subnet(supernet, supernet.smallest, digits, split="vla")
+    with pytest.raises(DynasError, match=r"`num_images` must be an integer >= 2, but got num_images=1"):
+        score_subnet(supernet, supernet.smallest, digits, calib_images=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_random": -1}, r"`num_random` must be an integer >= 0, but got num_random=-1"),
+        ({"val_calib_images": 1}, r"`val_calib_images` must be 0 \(no validation\) or >= 2"),
+        ({"distill": "yes"}, r"`distill` must be a bool, but got distill='yes'"),
+        ({"train": {"epochs": 1}}, r"`train` must be a TrainConfig"),
+    ],
+)
+def test_bad_training_settings_are_refused(kwargs, match):
+    with pytest.raises(DynasError, match=match):
+        SupernetTrainConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- the ranking experiment
+
+
+def _ranking():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "supernet_ranking.py"
+    spec = importlib.util.spec_from_file_location("experiments_supernet_ranking", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kendall_tau_b_counts_pairs_and_ties():
+    tau = _ranking().kendall_tau
+    assert tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0 and tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(2 * 3))  # tau-b: ties shrink the denominator
+    assert math.isnan(tau([1, 1], [1, 2])) and math.isnan(tau([1], [2]))
+
+
+def test_subnets_are_stratified_over_the_mac_band_by_kind():
+    ranking = _ranking()
+    band = ranking.parse_band("0.8M:2.5M")
+    subnets = ranking.sample_in_band(_space(), band, num_subnets=8, strata=2, seed=3)
+    assert len({s.arch for s in subnets}) == 8
+    for s in subnets:
+        assert band[0] <= closed_form_macs(s.arch) == s.macs < band[1]
+        assert (s.kind == "dynamic") == any(b.is_dynamic for b in s.arch.blocks)
+        assert s.stratum == (s.macs - band[0]) * 2 // (band[1] - band[0])
+    cells = [(s.stratum, s.kind) for s in subnets]
+    assert sorted(set(cells)) == [(0, "dynamic"), (0, "static"), (1, "dynamic"), (1, "static")]
+    assert all(cells.count(c) == 2 for c in set(cells))
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("15M:5M", r"LOW < HIGH, such as 5M:15M, but got '15M:5M'"), ("5M", r"LOW:HIGH MACs"), ("5Q:9M", r"expected a count")],
+)
+def test_a_bad_mac_band_is_refused(text, match):
+    with pytest.raises(DynasError, match=match):
+        _ranking().parse_band(text)
+
+
+def test_a_band_the_space_cannot_fill_is_refused():
+    with pytest.raises(DynasError, match=r"`--mac-band` 100:200 is barely reached by 'mobile_cifar': after 5 draws"):
+        _ranking().sample_in_band(_space(), (100, 200), 4, 2, max_draws=5)
