@@ -42,10 +42,11 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table of already formatted cells (``str()`` of each)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A markdown table of already formatted cells (``str()`` of each), by ``DataFrame.to_markdown``."""
+    import pandas as pd
+
+    frame = pd.DataFrame([[str(cell) for cell in row] for row in rows], columns=list(header))
+    return frame.to_markdown(index=False, disable_numparse=True)
 
 
 def _commit() -> str:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -14,9 +13,10 @@ from dynas.builder import build_model
 from dynas.counting import count_macs
 from dynas.errors import DynasError
 from dynas.spec import ArchSpec, BlockSpec, StageSpec
+from dynas.testing import FakeTrial, SearchSpaceContract
 from dynas.spaces import Candidate, Choice, SearchSpace, get_space, list_spaces, register_space
 
-N_SAMPLES = 200
+N_SAMPLES = 200  # random candidates each contract test builds per space
 
 
 @pytest.fixture(autouse=True)
@@ -27,19 +27,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class FakeTrial:
-    """Duck-typed optuna.Trial: answers from ``answers`` (else the first value) and logs the asks."""
-
-    def __init__(self, answers: Mapping[str, Any] | None = None) -> None:
-        self.answers = dict(answers or {})
-        self.asked: list[str] = []
-
-    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-        assert name not in self.asked, f"{name} asked twice"
-        self.asked.append(name)
-        return self.answers.get(name, choices[0])
-
-
 def _input(arch: ArchSpec) -> torch.Tensor:
     size = min(arch.input_size, 32)  # ImageNet archs run at 32x32: any resolution works
     return torch.randn(2, arch.in_channels, size, size)
@@ -48,32 +35,18 @@ def _input(arch: ArchSpec) -> torch.Tensor:
 # ----------------------------------------------------------------------------- every registered space
 
 
+class TestRegisteredSpaces(SearchSpaceContract):
+    """The search-space contract (dynas.testing) for every registered space."""
+
+    samples = N_SAMPLES
+
+    @pytest.fixture(params=list_spaces())
+    def make_space(self, request):
+        return lambda **kwargs: get_space(request.param, **kwargs)
+
+
 def test_builtin_spaces_are_registered():
     assert {"mobile_cifar", "mobile_imagenet"} <= set(list_spaces())
-
-
-@pytest.mark.parametrize("name", list_spaces())
-def test_choices_are_well_formed(name):
-    labels = [c.label for c in get_space(name).choices()]
-    assert len(labels) == len(set(labels))
-    for i, choice in enumerate(get_space(name).choices()):
-        assert all(dep in labels[:i] for dep in choice.depends_on), choice  # asked after what it depends on
-
-
-@pytest.mark.parametrize("name", list_spaces())
-def test_random_samples_build_train_and_round_trip(name):
-    space = get_space(name)
-    for seed in range(N_SAMPLES):
-        candidate = space.sample(seed)
-        arch = candidate.arch
-        assert ArchSpec.from_str(arch.to_str()) == arch
-        assert ArchSpec.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
-        assert space.decode(json.loads(json.dumps(dict(candidate.params)))) == candidate
-        model = build_model(arch)
-        out = model(_input(arch))
-        assert out.shape == (2, arch.num_classes) and torch.isfinite(out).all(), arch.to_str()
-        out.logsumexp(1).mean().backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), arch.to_str()
 
 
 @pytest.mark.parametrize("name", list_spaces())
@@ -83,13 +56,6 @@ def test_smallest_and_largest_build(name):
         out = build_model(arch)(_input(arch))
         out.sum().backward()
         assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("name", list_spaces())
-def test_sample_is_reproducible(name):
-    space = get_space(name)
-    assert space.sample(7) == space.sample(7)
-    assert len({space.sample(seed).arch for seed in range(10)}) > 1
 
 
 @pytest.mark.parametrize("name", list_spaces())
