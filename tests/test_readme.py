@@ -39,6 +39,15 @@ def test_own_space_example_registers_and_searches(registry, tmp_path, monkeypatc
     space = get_space(name)
     assert space.decode({"kernel": 5, "dynamic": True, "num_kernels": 4}).arch.blocks[0].num_kernels == 4
     assert space.smallest().blocks[0].num_kernels == 1
+    # The README's contract test class for it runs (its tests called directly, the fixture given).
+    (contract,) = [b for b in _python_blocks() if "SearchSpaceContract" in b]
+    scope: dict = {}
+    exec(contract, scope)
+    suite = scope["TestMySpace"]()
+    make_space = type(space)
+    for test in ("test_choices_are_well_formed", "test_samples_build_train_and_round_trip",
+                 "test_suggest_asks_exactly_the_active_choices", "test_the_closed_form_equals_fvcore"):
+        getattr(suite, test)(make_space)
     sys.modules.pop(f"search_spaces.{name}")
 
 
