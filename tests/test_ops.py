@@ -11,19 +11,10 @@ from torch import nn
 
 from dynas.ops import DynamicConv2d
 from dynas.ops.dynamic_conv import _scaling_inputs_is_smaller
-from dynas.testing import OperatorContract
+from dynas.testing import CONV_CONFIGS, OperatorContract
 
-# (in, out, kernel, stride, padding, dilation, groups, bias)
-CONFIGS = [
-    pytest.param(8, 16, 3, 1, 1, 1, 1, True, id="3x3"),
-    pytest.param(8, 16, 1, 1, 0, 1, 1, False, id="1x1-nobias"),
-    pytest.param(12, 12, 3, 2, 1, 1, 12, False, id="depthwise-strided"),
-    pytest.param(12, 24, 5, 1, 2, 1, 4, True, id="grouped"),
-    pytest.param(8, 8, 3, 1, 2, 2, 1, True, id="dilated"),
-    pytest.param(6, 10, (3, 5), (2, 1), (0, 2), 1, 2, True, id="rect-padded"),
-    pytest.param(8, 8, 3, 1, "same", 1, 8, True, id="same-depthwise"),
-    pytest.param(8, 4, 3, 1, "valid", 1, 1, True, id="valid"),
-]
+# (in, out, kernel, stride, padding, dilation, groups, bias): the contract's shapes and one more
+CONFIGS = [*CONV_CONFIGS, pytest.param(8, 4, 3, 1, "valid", 1, 1, True, id="valid")]
 
 
 def _inputs(b: int, c: int, h: int, w: int) -> torch.Tensor:
