@@ -313,7 +313,7 @@ def plot_results(run: Run) -> Plot:
         ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray",
                    label=f"pruned, at its last epoch ({n_pruned})")
     _draw_front_and_budget(ax, run)
-    for row in points[points["origin"].str.startswith("baseline")].itertuples():
+    for row in points[points["origin"].astype(str).str.startswith("baseline")].itertuples():
         ax.annotate(row.origin, (row.macs / 1e6, row.shown_top1), xytext=(4, -10), textcoords="offset points",
                     fontsize=7)
     ax.set(xlabel="MACs (millions, batch 1)", ylabel="validation top-1 (%)", title=f"run {run.name}: trained trials")
@@ -645,7 +645,7 @@ def _counts(frame: pd.DataFrame) -> str:
 def _best_line(run: Run) -> str:
     done = run.completed()
     kinds = {
-        "searched": ~done["origin"].str.startswith("baseline"),
+        "searched": ~done["origin"].astype(str).str.startswith("baseline"),
         "all-static": done["kind"] == "static",
         "all-dynamic": done["kind"] == "all-dynamic",
     }

@@ -70,7 +70,7 @@ def run_dir(tmp_path_factory) -> Path:
     enqueue = folder / "enqueue.json"
     enqueue.write_text(json.dumps(_dynamic_candidates(3, 2_000_000)))
     run = folder / "run"
-    argv = ["search", "--run-dir", str(run), *TINY, "--trials", "3", "--max-macs", "2M", "--sampler", "random",
+    argv = ["search", "--run-dir", str(run), *TINY, "--trials", "3", "--max-macs", "2M", "--sampler", "random", "--no-baselines",
             "--pruner", "none", "--keep-weights", str(KEEP), "--enqueue", str(enqueue)]
     assert main(argv) == 0
     return run
