@@ -11,8 +11,18 @@ Each sample is convolved with its own aggregated kernel. The aggregation is one 
 How the per-sample convolution runs (all paths compute the same function; each was kept because
 it measured fastest for its shapes, see ``benchmarks/bench_ops.py``):
 
-* traced (``torch.jit.trace``, ONNX export, fvcore): aggregate, then im2col + one matmul (a
-  reshape + matmul for 1x1 stride 1) -- no shape depends on the batch size;
+* traced (``torch.jit.trace``, fvcore): aggregate, then im2col + one matmul (a reshape + matmul
+  for 1x1 stride 1) -- no shape depends on the batch size;
+* traced for deployment (inside :func:`deploy_trace`, as :mod:`dynas.export.formats` does): every
+  shape but the batch size is a constant, so that the graph has no shape arithmetic. With a dynamic
+  batch axis, ONNX gets a per-sample MatMul for 1x1 convs (ONNX's Conv takes one kernel for the
+  whole batch, and its group count is an attribute, so the batch cannot be folded into channels)
+  and im2col + MatMul otherwise. Specialised to one batch size (``dynamic_batch=False``), ONNX
+  gets a plain Conv with the mixed kernel (a grouped Conv over the batch folded into channels
+  above batch 1), which runtimes fuse with the following activation. TorchScript gets the eager
+  1x1 paths either way (batch-agnostic as traced, and faster than a conv there) and, for other
+  convs, a scripted conv that folds the batch into channels at run time (or, specialised, the
+  conv of that batch size);
 * 1x1, stride 1, unpadded, ungrouped (most of a MobileNet's MACs), on a map of more than
   :attr:`DynamicConv2d.mix_max_pixels` pixels: aggregate, then one batched matmul over pixels,
   which reads either memory format in place (no oneDNN reorder of input, kernel or output);
@@ -41,7 +51,11 @@ convert the input (convs follow it) and, if wanted, only the 4-D parameters.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -51,7 +65,7 @@ from torch.nn.modules.utils import _pair
 
 from dynas.checks import check_int
 
-__all__ = ["DynamicConv2d", "KernelAttention"]
+__all__ = ["DynamicConv2d", "KernelAttention", "deploy_trace"]
 
 _ATTENTIONS = ("softmax", "sigmoid")
 
@@ -88,13 +102,64 @@ class KernelAttention(nn.Module):
         # x: (B, Cin, H, W) -> pi: (B, K).
         # GAP as a sum, not x.mean: mean's backward writes a full-size (B, Cin, H, W) gradient
         # and then adds it to x's; the sum's is a broadcast view, added in one pass.
-        pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])  # (B, Cin)
+        if _DEPLOY.get() is not None and torch.jit.is_tracing():
+            pooled = x.mean(dim=(2, 3))  # one ReduceMean, no shape arithmetic in the graph
+        else:
+            pooled = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])  # (B, Cin)
         hidden = torch.addmm(self.fc1.bias, pooled, self.fc1.weight.t()).relu_()  # (B, hidden)
         inv_tau = 1.0 / temperature  # folded into the matmul's scalars: one op fewer per layer
         logits = torch.addmm(self.fc2.bias, hidden, self.fc2.weight.t(), beta=inv_tau, alpha=inv_tau)
         if self.attention == "softmax":
             return torch.softmax(logits, dim=1)
         return torch.sigmoid(logits)
+
+
+#: Inside :func:`deploy_trace`: whether the traced graph keeps a dynamic batch axis.
+_DEPLOY: contextvars.ContextVar[bool | None] = contextvars.ContextVar("dynas_deploy_trace", default=None)
+
+
+@contextlib.contextmanager
+def deploy_trace(*, dynamic_batch: bool = True) -> Iterator[None]:
+    """Trace :class:`DynamicConv2d` layers in their deployment form (see the module docstring).
+
+    Inside it, ``torch.jit.trace`` and ``torch.onnx.export`` record graphs whose shapes are
+    constants except the batch size; with ``dynamic_batch=False`` the batch size too, which
+    lets each layer run as a plain conv with its mixed kernel. Outside it, tracing records the
+    batch-agnostic matmul form that fvcore counts.
+    """
+    token = _DEPLOY.set(dynamic_batch)
+    try:
+        yield
+    finally:
+        _DEPLOY.reset(token)
+
+
+@functools.cache
+def _scripted_per_sample_conv() -> Callable[..., torch.Tensor]:
+    """A TorchScript conv with per-sample kernels whose batch size is read at run time.
+
+    A traced conv bakes ``groups = B * g`` into the graph; this one, called from a trace,
+    computes it per call (compiled on first use, not at import).
+    """
+
+    def per_sample_conv(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        stride: list[int], dilation: list[int], groups: int,
+    ) -> torch.Tensor:
+        # x: (B, Cin, H, W) already padded, weight: (B, Cout, Cin/g, kh, kw), bias: (B, Cout) or (Cout,)
+        b, cout = x.size(0), weight.size(1)
+        if bias is not None:  # (B*Cout)
+            bias = bias.repeat(b) if bias.dim() == 1 else bias.reshape(-1)
+        if b == 1:
+            return F.conv2d(x, weight[0], bias, stride, 0, dilation, groups)
+        out = F.conv2d(
+            x.reshape(1, -1, x.size(2), x.size(3)),  # (1, B*Cin, H, W)
+            weight.reshape(b * cout, weight.size(2), weight.size(3), weight.size(4)),  # (B*Cout, Cin/g, kh, kw)
+            bias, stride, 0, dilation, b * groups,
+        )
+        return out.reshape(b, cout, out.size(2), out.size(3))  # (B, Cout, H', W')
+
+    return torch.jit.script(per_sample_conv)
 
 
 def _column_major(pi: torch.Tensor) -> torch.Tensor:
@@ -264,9 +329,11 @@ class DynamicConv2d(nn.Module):
         pi = self.attention(x, self.temperature)  # (B, K)
         self.last_attention = pi.detach()
         if torch.jit.is_tracing():
-            # Tracing (torch.jit.trace, the TorchScript ONNX exporter, fvcore) must not bake the
-            # batch size into `groups` (ONNX's Conv has a static group count), so it uses the
-            # batch-agnostic matmul formulation.
+            dynamic_batch = _DEPLOY.get()
+            if dynamic_batch is not None:
+                return self._deploy_forward(x, pi, dynamic_batch)
+            # Tracing for analysis (torch.jit.trace, fvcore) must not bake the batch size into
+            # `groups`, so it uses the batch-agnostic matmul formulation.
             return self._conv_matmul(x, *self.aggregate(pi))
         if self._pointwise:
             if x.shape[2] * x.shape[3] <= self.mix_max_pixels:
@@ -371,14 +438,90 @@ class DynamicConv2d(nn.Module):
         out = out.reshape(b, self.out_channels, *out.shape[2:])  # (B, Cout, H', W')
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
+    def _deploy_forward(self, x: torch.Tensor, pi: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
+        """The traced form for deployment (see the module docstring); shapes are constants but B."""
+        if not torch.onnx.is_in_onnx_export():  # TorchScript: the eager kernels
+            if self._pointwise:  # batch-agnostic as traced, and faster than a conv with the mixed kernel
+                if x.shape[2] * x.shape[3] <= self.mix_max_pixels:
+                    return self._pointwise_mixed(x, pi)
+                return self._pointwise_aggregated(x, pi)
+            if not dynamic_batch:
+                return self._conv_fixed_batch(x, pi)
+            return _scripted_per_sample_conv()(  # groups = B * g read at run time
+                self._pad(x), self._mixed_kernels(pi), self._mixed_bias(pi),
+                list(self.stride), list(self.dilation), self.groups,
+            )
+        if not dynamic_batch:
+            return self._conv_fixed_batch(x, pi)
+        if self._pointwise:
+            return self._pointwise_matmul(x, pi)
+        return self._conv_matmul(x, self._mixed_kernels(pi), self._mixed_bias(pi), constant_shapes=True)
+
+    def _mixed_kernels(self, pi: torch.Tensor) -> torch.Tensor:
+        """``pi @ W`` as ``(B, Cout, Cin/g, kh, kw)``, reshaped with -1 for B (no traced batch size)."""
+        k = self.num_kernels
+        return torch.matmul(pi, self.weight.reshape(k, -1)).reshape(-1, *self.weight.shape[1:])
+
+    def _mixed_bias(self, pi: torch.Tensor) -> torch.Tensor | None:
+        """``pi @ b`` (B, Cout), or the constant ``b_0`` (Cout,) when softmax mixes K equal biases.
+
+        Folding a BatchNorm into a bias-free conv leaves K equal biases (the BN shift); softmax
+        weights sum to one, so they mix to that shift, and the graph gets a constant bias, which
+        runtimes fuse into the conv. Decided when tracing, from the parameters' values.
+        """
+        if self.bias is None:
+            return None
+        with torch.no_grad():
+            shared = self.attention.attention == "softmax" and bool((self.bias == self.bias[:1]).all())
+        return self.bias[0] if shared else torch.matmul(pi, self.bias)
+
+    def _conv_fixed_batch(self, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        """One conv with the mixed kernels, for the traced batch size only (``dynamic_batch=False``)."""
+        b, cin, cout = int(x.shape[0]), self.in_channels, self.out_channels
+        x = self._pad(x)  # explicit, so that 'same' with an even kernel exports too
+        weight = self._mixed_kernels(pi)  # (B, Cout, Cin/g, kh, kw)
+        bias = self._mixed_bias(pi)
+        if bias is not None and not (b == 1 and bias.dim() == 1):  # (B*Cout); a shared one stays constant
+            bias = bias.repeat(b) if bias.dim() == 1 else bias.reshape(b * cout)
+        if b == 1:  # a reshape, not weight[0]: no Gather in the graph
+            kernel = weight.reshape(weight.shape[1:])  # (Cout, Cin/g, kh, kw)
+            return F.conv2d(x, kernel, bias, self.stride, 0, self.dilation, self.groups)
+        out = F.conv2d(
+            x.reshape(1, b * cin, int(x.shape[2]), int(x.shape[3])),  # (1, B*Cin, H, W)
+            weight.reshape(b * cout, *weight.shape[2:]),  # (B*Cout, Cin/g, kh, kw)
+            bias, self.stride, 0, self.dilation, b * self.groups,
+        )
+        return out.reshape(b, cout, int(out.shape[2]), int(out.shape[3]))  # (B, Cout, H', W')
+
+    def _pointwise_matmul(self, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        """Per-sample 1x1 conv as one batched MatMul, batch-agnostic, constant shapes (ONNX)."""
+        cin, cout = self.in_channels, self.out_channels
+        h, w = int(x.shape[2]), int(x.shape[3])
+        w_mat = self._mixed_kernels(pi).reshape(-1, cout, cin)  # (B, Cout, Cin)
+        out = torch.matmul(w_mat, x.reshape(-1, cin, h * w))  # (B, Cout, L)
+        bias = self._mixed_bias(pi)
+        if bias is not None:
+            out = out + bias.reshape(-1, cout, 1)  # (B or 1, Cout, 1)
+        return out.reshape(-1, cout, h, w)
+
     def _conv_matmul(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        constant_shapes: bool = False,
     ) -> torch.Tensor:
-        """im2col + one batched matmul; no shape depends on the batch size."""
+        """im2col + one batched matmul; no shape depends on the batch size.
+
+        ``bias`` is (B, Cout) or a shared (Cout,). With ``constant_shapes`` the map size is read
+        as Python ints (a trace for deployment: no shape arithmetic in the graph).
+        """
         g, cin, cout = self.groups, self.in_channels, self.out_channels
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         x = self._pad(x)
         h, w = x.shape[2], x.shape[3]
+        if constant_shapes:
+            h, w = int(h), int(w)
         ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         if (kh, kw, sh, sw) == (1, 1, 1, 1):
             cols = x.reshape(-1, cin, h * w)  # (B, Cin, L)
