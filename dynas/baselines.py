@@ -35,7 +35,8 @@ class Baseline:
 
 
 def _ks(candidate: Candidate) -> set[int]:
-    return {block.num_kernels for stage in candidate.arch.stages for block in stage.blocks}
+    """The blocks' K under DY-conv (1 = static); a block of another operator (ODConv, DCD) counts as -1."""
+    return {block.num_kernels if block.op == "dy" else -1 for stage in candidate.arch.stages for block in stage.blocks}
 
 
 def baselines(space: SearchSpace, budget: Budget) -> list[Baseline]:

@@ -9,7 +9,8 @@ Submodule names are stable checkpoint keys::
                               classifier (Linear)
 
 Every conv is followed by BatchNorm and has no bias (as in MobileNet). A conv is an
-``nn.Conv2d`` or a :class:`~dynas.ops.DynamicConv2d`, picked by :func:`create_conv2d`.
+``nn.Conv2d``, a :class:`~dynas.ops.DynamicConv2d`, an :class:`~dynas.ops.ODConv2d` or a
+:class:`~dynas.ops.DCDConv2d`, picked by :func:`create_conv2d` from the block's ``op``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynas.ops import DynamicConv2d
-from dynas.spec import ArchSpec, BlockSpec, expanded_channels, se_channels
+from dynas.ops import DCDConv2d, DynamicConv2d, ODConv2d
+from dynas.spec import OPS, ArchSpec, BlockSpec, expanded_channels, se_channels
 
 __all__ = [
     "ClassifierHead",
@@ -57,16 +58,33 @@ def create_conv2d(
     num_kernels: int = 1,
     reduction: int = 4,
     min_hidden: int = 4,
+    op: str = "dy",
+    latent: int = 0,
 ) -> nn.Module:
-    """A "same"-padded conv: ``nn.Conv2d`` when ``num_kernels == 1``, else ``DynamicConv2d``.
+    """A "same"-padded conv of operator ``op``: static, DY-conv, ODConv or DCD.
 
     Args:
         in_channels, out_channels, kernel_size, stride, groups, bias: as in ``nn.Conv2d``
             (odd ``kernel_size``; padding is ``kernel_size // 2``).
-        num_kernels: K; 1 is a static convolution.
-        reduction, min_hidden: the dynamic convolution's attention width (ignored when static).
+        num_kernels: K; with ``op="dy"`` 1 is an ``nn.Conv2d``, with ``op="od"`` ODConv's K (>= 1).
+        reduction, min_hidden: the attention width of DY-conv (``max(in // reduction, min_hidden)``)
+            or DCD (:func:`~dynas.spec.dcd_hidden_channels`); ODConv keeps the official 1/16 and 16.
+        op: ``"dy"`` (:class:`~dynas.ops.DynamicConv2d`), ``"od"`` (:class:`~dynas.ops.ODConv2d`) or
+            ``"dcd"`` (:class:`~dynas.ops.DCDConv2d`, 1x1 only).
+        latent: DCD's latent width; 0 takes the official rule.
     """
+    if op not in OPS:
+        raise ValueError(f"`op` must be one of {OPS}, but got op={op!r}.")
     padding = kernel_size // 2
+    if op == "od":
+        return ODConv2d(
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias, num_kernels=num_kernels
+        )
+    if op == "dcd":
+        if kernel_size != 1 or groups != 1:
+            raise ValueError(f"op='dcd' is a dense 1x1 conv, but got kernel_size={kernel_size}, groups={groups}.")
+        widths = {"reduction": reduction, "min_hidden": min_hidden}
+        return DCDConv2d(in_channels, out_channels, 1, stride, bias=bias, latent=latent or None, **widths)
     if num_kernels == 1:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
     return DynamicConv2d(
@@ -107,23 +125,33 @@ class SqueezeExcite(nn.Module):
         return x * scale
 
 
+def _attention_widths(op: str, reduction: int, min_hidden: int, dcd_reduction: int) -> dict[str, int]:
+    """``create_conv2d``'s attention widths for ``op``: DY-conv's or DCD's (min hidden 4, the official)."""
+    if op == "dcd":
+        return {"reduction": dcd_reduction, "min_hidden": 4}
+    return {"reduction": reduction, "min_hidden": min_hidden}
+
+
 class InvertedResidual(nn.Module):
     """One :class:`~dynas.spec.BlockSpec`: expand 1x1 -> depthwise kxk -> SE -> project 1x1 (+ x)."""
 
-    def __init__(self, in_channels: int, block: BlockSpec, reduction: int = 4, min_hidden: int = 4) -> None:
+    def __init__(
+        self, in_channels: int, block: BlockSpec, reduction: int = 4, min_hidden: int = 4, dcd_reduction: int = 16
+    ) -> None:
         super().__init__()
-        pw_k = block.num_kernels  # "pw" and "all" both make the 1x1 convs dynamic
-        dw_k = block.num_kernels if block.dynamic_convs == "all" else 1
-        attn = {"reduction": reduction, "min_hidden": min_hidden}
+        # "pw" and "all" both make the 1x1 convs dynamic; "all" the depthwise too (never DCD: 1x1 only)
+        pw = {"num_kernels": block.num_kernels, "op": block.op, "latent": block.latent}
+        dw = pw if block.dynamic_convs == "all" else {"num_kernels": 1}
+        attn = _attention_widths(block.op, reduction, min_hidden, dcd_reduction)
         mid = expanded_channels(in_channels, block.expansion)
         if block.expansion != 1:
-            conv = create_conv2d(in_channels, mid, 1, num_kernels=pw_k, **attn)
+            conv = create_conv2d(in_channels, mid, 1, **pw, **attn)
             self.expand = ConvBnAct(conv, mid, block.activation)
-        conv = create_conv2d(mid, mid, block.kernel_size, block.stride, groups=mid, num_kernels=dw_k, **attn)
+        conv = create_conv2d(mid, mid, block.kernel_size, block.stride, groups=mid, **dw, **attn)
         self.depthwise = ConvBnAct(conv, mid, block.activation)
         if block.se:
             self.se = SqueezeExcite(mid, se_channels(mid))
-        self.project = ConvBnAct(create_conv2d(mid, block.out_channels, 1, num_kernels=pw_k, **attn), block.out_channels, None)
+        self.project = ConvBnAct(create_conv2d(mid, block.out_channels, 1, **pw, **attn), block.out_channels, None)
         self.use_residual = block.stride == 1 and in_channels == block.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,8 +172,8 @@ class ClassifierHead(nn.Module):
             arch.head_channels,
             1,
             num_kernels=arch.head_num_kernels,
-            reduction=arch.attention_reduction,
-            min_hidden=arch.attention_min_hidden,
+            op=arch.head_op,
+            **_attention_widths(arch.head_op, arch.attention_reduction, arch.attention_min_hidden, arch.dcd_reduction),
         )
         self.conv = ConvBnAct(conv, arch.head_channels, arch.head_activation)
         features = arch.head_channels
@@ -182,7 +210,8 @@ class DynasNet(nn.Module):
         for stage in arch.stages:
             blocks = []
             for block in stage.blocks:
-                blocks.append(InvertedResidual(channels, block, arch.attention_reduction, arch.attention_min_hidden))
+                widths = (arch.attention_reduction, arch.attention_min_hidden, arch.dcd_reduction)
+                blocks.append(InvertedResidual(channels, block, *widths))
                 channels = block.out_channels
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
@@ -221,18 +250,25 @@ class DynasNet(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """torchvision MobileNetV2's init; each of a DynamicConv2d's K kernels is drawn independently.
+    """torchvision MobileNetV2's init; each of a DynamicConv2d's (or ODConv2d's) K kernels is drawn independently.
 
     Convs: kaiming normal (fan_out), zero bias; BatchNorm: ones / zeros; Linear: normal(0, 0.01),
-    zero bias. The attention branch of a dynamic convolution keeps the operator's own init: a
-    normal(0, 0.01) there would only shrink the logits, which the temperature already controls.
+    zero bias. The attention branch of a DY-conv or ODConv keeps the operator's own init (a
+    normal(0, 0.01) there would only shrink the logits, which the temperature already controls;
+    ODConv's is the official one). DCD's kernels W0, P, Q^T are convs, its attention Linears
+    normal(0, 0.01): the official DCD init, under which the layer starts near its static conv.
     """
     skip: set[int] = set()
     for module in model.modules():
-        if isinstance(module, DynamicConv2d):
+        if isinstance(module, (DynamicConv2d, ODConv2d)):
             skip.update(id(m) for m in module.attention.modules())
             for k in range(module.num_kernels):  # (Cout, Cin/g, kh, kw) each, fan_out as nn.Conv2d's
                 nn.init.kaiming_normal_(module.weight.data[k], mode="fan_out")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, DCDConv2d):
+            for weight in (module.weight, module.weight_p[:, :, None, None], module.weight_q[:, :, None, None]):
+                nn.init.kaiming_normal_(weight.data, mode="fan_out")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
@@ -244,7 +280,8 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear) and id(module) not in skip:
             nn.init.normal_(module.weight, 0.0, 0.01)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:  # DCD's attention Linears have none
+                nn.init.zeros_(module.bias)
 
 
 def build_model(arch: ArchSpec) -> DynasNet:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dynas.checks import brief
 from dynas.errors import DynasError, did_you_mean
 
 __all__ = [
@@ -36,10 +37,14 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
     try:
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
-                raise ValueError(f"expected true or false, but got {value!r}")
+                raise ValueError(f"expected true or false, but got {brief(value)}")
             return value
-        if action.type is not None and not (isinstance(value, (int, float)) and action.type is float):
-            value = action.type(value) if not isinstance(value, bool) else _reject_bool(value)
+        if isinstance(value, bool):
+            _reject_bool(value)
+        if action.type is not None:
+            value = action.type(value)  # the parser's types take YAML's ints, floats and lists too
+        elif not isinstance(value, str):
+            raise ValueError(f"must be a string, but got {brief(value)}")
         if action.choices is not None and value not in action.choices:
             raise ValueError(f"must be one of {', '.join(map(str, action.choices))}, but got {value!r}")
     except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
@@ -70,6 +75,8 @@ def apply_config(
     except yaml.YAMLError as err:
         first = str(err).replace("\n", " ")
         raise DynasError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise DynasError(f"config file {str(path)!r} is not valid YAML: too deeply nested.") from None
     if not isinstance(data, dict):
         raise DynasError(f"config file {str(path)!r} must be a mapping of option: value, but got {type(data).__name__}.")
     actions = _actions(parser)
@@ -117,6 +124,8 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise DynasError(f"config file {str(path)!r} is damaged: {str(err).splitlines()[0]}") from None
+    except RecursionError:
+        raise DynasError(f"config file {str(path)!r} is damaged: too deeply nested.") from None
     if not isinstance(data, dict):
         raise DynasError(f"config file {str(path)!r} must be a mapping of option: value, but got {type(data).__name__}.")
     return data
@@ -134,8 +143,12 @@ def train_config(settings: Mapping[str, Any], **overrides: Any) -> Any:
 
 
 def train_subset(value: int | float | None) -> int | float | None:
-    """``--train-subset`` as load_data takes it: a count (>= 1) as an int, a fraction as a float."""
-    return int(value) if value is not None and value >= 1 else value
+    """``--train-subset`` as load_data takes it: a count (>= 1) as an int, a fraction as a float.
+
+    Anything else is passed on as it is, for load_data to refuse by name.
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return int(value) if number and value >= 1 and float(value).is_integer() else value
 
 
 def load_run_data(settings: Mapping[str, Any], *, full_train: bool = False) -> Any:
@@ -146,8 +159,11 @@ def load_run_data(settings: Mapping[str, Any], *, full_train: bool = False) -> A
     """
     from dynas.data import load_data
 
+    dataset = settings.get("dataset")
+    if not isinstance(dataset, str):
+        raise DynasError(f"key 'dataset' must be a dataset name (a string), but got {brief(dataset)}.")
     kwargs = {key: settings[key] for key in ("val_fraction", "input_size", "seed") if settings.get(key) is not None}
     if not full_train:
         kwargs["train_subset"] = train_subset(settings.get("train_subset"))
-    data = load_data(settings["dataset"], root=settings.get("data_root"), **kwargs)
+    data = load_data(dataset, root=settings.get("data_root"), **kwargs)
     return data.with_full_train() if full_train else data

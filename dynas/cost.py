@@ -11,7 +11,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dynas.spec import ArchSpec, BlockSpec, expanded_channels, se_channels
+from dynas.spec import (
+    ArchSpec,
+    BlockSpec,
+    dcd_factorized,
+    dcd_hidden_channels,
+    dcd_latent_channels,
+    dcd_pooled_width,
+    expanded_channels,
+    odconv_hidden_channels,
+    se_channels,
+)
 
 __all__ = ["closed_form_macs", "closed_form_params", "format_count", "input_shape", "parse_count"]
 
@@ -84,15 +94,23 @@ class _Tally:
 
 def _conv(
     tally: _Tally, arch: ArchSpec, cin: int, cout: int, kernel: int, stride: int = 1,
-    groups: int = 1, num_kernels: int = 1,
+    groups: int = 1, num_kernels: int = 1, op: str = "dy", latent: int = 0,
 ) -> None:
     """Add a ``create_conv2d`` conv + BatchNorm, and move to its output resolution."""
-    in_pixels = tally.height * tally.width
+    in_height, in_width = tally.height, tally.width
+    in_pixels = in_height * in_width
     tally.height = (tally.height - 1) // stride + 1  # padding k // 2 with an odd k
     tally.width = (tally.width - 1) // stride + 1
     weight = cout * (cin // groups) * kernel * kernel
+    tally.params += 2 * cout
+    if op == "od":
+        _odconv(tally, cin, cout, kernel, groups, num_kernels, in_pixels)
+        return
+    if op == "dcd":
+        _dcd(tally, cin, cout, latent or dcd_latent_channels(cin, cout), arch.dcd_reduction, in_height, in_width)
+        return
     tally.macs += weight * tally.height * tally.width
-    tally.params += num_kernels * weight + 2 * cout
+    tally.params += num_kernels * weight
     if num_kernels > 1:
         hidden = max(cin // arch.attention_reduction, arch.attention_min_hidden)
         # aggregation, then the attention: GAP of the input, FC1, FC2 (no conv bias to mix)
@@ -100,24 +118,54 @@ def _conv(
         tally.params += cin * hidden + hidden + hidden * num_kernels + num_kernels
 
 
+def _odconv(tally: _Tally, cin: int, cout: int, kernel: int, groups: int, num_kernels: int, in_pixels: int) -> None:
+    """An ``ODConv2d`` (no bias): conv, aggregation when K > 1, and the attention trunk and heads."""
+    weight = cout * (cin // groups) * kernel * kernel
+    hidden = odconv_hidden_channels(cin)
+    depthwise = cin == groups == cout
+    heads = cin + (0 if depthwise else cout) + (0 if kernel == 1 else kernel * kernel)  # channel, filter, spatial
+    heads += 0 if num_kernels == 1 else num_kernels  # kernel
+    tally.macs += weight * tally.height * tally.width + (num_kernels * weight if num_kernels > 1 else 0)
+    tally.macs += cin * in_pixels + cin * hidden + hidden * heads  # GAP, FC, one FC for the heads
+    tally.params += num_kernels * weight + cin * hidden + 2 * hidden + hidden * heads + heads  # kernels, FC, BN, heads
+
+
+def _dcd(tally: _Tally, cin: int, cout: int, latent: int, reduction: int, in_height: int, in_width: int) -> None:
+    """A ``DCDConv2d`` (1x1, no bias): pool, attention, and the factorized or merged conv it runs."""
+    pooled = dcd_pooled_width(cin, cout)
+    hidden = dcd_hidden_channels(pooled, latent, reduction)
+    if pooled > cin:  # a 2x2 adaptive pool: four cells of ceil(H/2) x ceil(W/2)
+        tally.macs += 4 * cin * ((in_height + 1) // 2) * ((in_width + 1) // 2)
+    else:
+        tally.macs += cin * in_height * in_width
+    tally.macs += pooled * hidden + hidden * hidden + hidden * (latent * latent + cout)  # FC, gate, heads
+    pixels = tally.height * tally.width
+    if dcd_factorized(pixels, cin, cout, latent):
+        tally.macs += pixels * ((cout + latent) * cin + latent * latent + latent * cout)
+    else:
+        tally.macs += cout * latent * (latent + cin) + pixels * cin * cout
+    tally.params += cout * cin + latent * (cin + cout)  # W0, Q, P
+    tally.params += pooled * hidden + hidden * hidden + hidden * (latent * latent + cout)  # FC, gate, heads
+
+
 def _block(tally: _Tally, arch: ArchSpec, cin: int, block: BlockSpec) -> None:
     """Add an ``InvertedResidual``: expand, depthwise, squeeze-excite, project."""
-    pw_k = block.num_kernels
-    dw_k = block.num_kernels if block.dynamic_convs == "all" else 1
+    pw = {"num_kernels": block.num_kernels, "op": block.op, "latent": block.latent}
+    dw = pw if block.dynamic_convs == "all" else {}
     mid = expanded_channels(cin, block.expansion)
     if block.expansion != 1:
-        _conv(tally, arch, cin, mid, 1, num_kernels=pw_k)
-    _conv(tally, arch, mid, mid, block.kernel_size, block.stride, groups=mid, num_kernels=dw_k)
+        _conv(tally, arch, cin, mid, 1, **pw)
+    _conv(tally, arch, mid, mid, block.kernel_size, block.stride, groups=mid, **dw)
     if block.se:
         squeeze = se_channels(mid)
         tally.macs += mid * tally.height * tally.width + 2 * mid * squeeze  # GAP, two 1x1 FCs
         tally.params += 2 * mid * squeeze + squeeze + mid
-    _conv(tally, arch, mid, block.out_channels, 1, num_kernels=pw_k)
+    _conv(tally, arch, mid, block.out_channels, 1, **pw)
 
 
 def _head(tally: _Tally, arch: ArchSpec, cin: int) -> None:
     """Add the ``ClassifierHead``: 1x1 conv, GAP, optional hidden Linear, classifier."""
-    _conv(tally, arch, cin, arch.head_channels, 1, num_kernels=arch.head_num_kernels)
+    _conv(tally, arch, cin, arch.head_channels, 1, num_kernels=arch.head_num_kernels, op=arch.head_op)
     tally.macs += arch.head_channels * tally.height * tally.width
     features = arch.head_channels
     if arch.head_hidden:

@@ -12,11 +12,16 @@ Counted
     * convolutions (dense, grouped, depthwise): ``Cout * Cin/g * kh * kw * H' * W'``; a
       dynamic convolution costs the same per sample, with the sample's own kernel;
     * linear layers (classifier, MobileNetV3 head FC, squeeze-excite FCs, the attention FCs of
-      dynamic convolution): ``in * out``;
+      DY-conv, ODConv and DCD): ``in * out``;
     * kernel aggregation of a dynamic convolution: ``K * |W|`` per sample, plus ``K * Cout``
-      for its bias when it has one;
+      for its bias when it has one (DY-conv; ODConv when K > 1 -- its attentions multiply the
+      kernel or the features elementwise, which is not counted);
+    * DCD (:class:`~dynas.ops.DCDConv2d`): the form it runs -- factorized, the shared convs
+      ``(Cout + L) * Cin`` and ``L * Cout`` and the ``L * L`` fusion per pixel; or merged,
+      ``Cout * L * (L + Cin)`` per sample to build its kernel, then the conv
+      (:func:`~dynas.spec.dcd_factorized` picks the cheaper);
     * global average pooling (classifier GAP, squeeze-excite GAP, the attention GAP):
-      one add per input element, ``C * H * W``. The DY-CNN paper counts the attention GAP in
+      one add per input element, ``C * H * W`` (DCD's 2x2 pool: one per element of each cell). The DY-CNN paper counts the attention GAP in
       its overhead (``HW * Cin``), and the DY-MobileNetV2 MACs only match the paper with it.
 
 Not counted (:data:`IGNORED_OPS`, each with its reason)
@@ -89,6 +94,8 @@ IGNORED_OPS: Mapping[str, str] = MappingProxyType(
         "aten::div_": _ELEMENTWISE,
         "aten::relu": _ELEMENTWISE,
         "aten::relu_": _ELEMENTWISE,
+        "aten::relu6": _ELEMENTWISE,  # DCD's hard sigmoid, relu6(t + 3) / 3, as the official code writes it
+        "aten::relu6_": _ELEMENTWISE,
         "aten::hardtanh": _ELEMENTWISE,
         "aten::hardtanh_": _ELEMENTWISE,
         "aten::hardswish": _ELEMENTWISE,

@@ -161,16 +161,24 @@ def _read_arch_file(path: Path, text: str) -> ArchSpec:
     if not path.is_file():
         raise DynasError(f"arch file {text!r} does not exist.")
     if _is_torch_file(path):
-        raise DynasError(f"arch file {text!r} is a torch file, not JSON; a model.pt goes to create_model/load_model.")
+        raise DynasError(
+            f"arch file {text!r} is a model file (torch), not an arch JSON; give the arch.json exported "
+            f"beside it, a preset name or an arch string."
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise DynasError(f"arch file {text!r} is not UTF-8 text.") from None
     except json.JSONDecodeError as err:
         raise DynasError(f"arch file {text!r} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise DynasError(f"arch file {text!r} is not valid JSON: too deeply nested.") from None
     if not isinstance(data, dict):
         raise DynasError(f"arch file {text!r} must hold a JSON object (an arch spec), but holds a {type(data).__name__}.")
-    return ArchSpec.from_dict(data.get("arch", data))
+    try:
+        return ArchSpec.from_dict(data.get("arch", data))
+    except (DynasError, TypeError, ValueError) as err:
+        raise DynasError(f"arch file {text!r}: {err}") from None
 
 
 def save_model(path: str | Path, model: nn.Module, arch: ArchSpec, temperature: float, **extra: Any) -> None:
@@ -199,11 +207,13 @@ def read_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise DynasError(f"model file {str(path)!r} does not exist.")
+    if not _is_torch_file(path):
+        raise DynasError(f"{str(path)!r} is not a dynas model file: not a torch file at all.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a foreign pickle, a truncated file, not a torch file at all
+    except Exception as err:  # a foreign pickle, a truncated file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DynasError(f"{str(path)!r} is not a dynas model file: torch.load failed ({first}).") from None
+        raise DynasError(f"{str(path)!r} is not a dynas model file: torch.load failed ({first[:160]}).") from None
     if not isinstance(payload, dict) or "arch" not in payload or "state_dict" not in payload:
         raise DynasError(f"{str(path)!r} is not a dynas model file (it needs 'arch' and 'state_dict').")
     return payload

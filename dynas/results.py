@@ -59,7 +59,7 @@ class TrialRecord:
     arch_json: str  # canonical JSON of the ArchSpec
     macs: int
     params: int
-    dynamic_blocks: int  # blocks with K >= 2
+    dynamic_blocks: int  # blocks with dynamic convs (DY with K >= 2, ODConv, DCD)
     val_top1: float = math.nan  # %, at the last epoch trained
     best_val_top1: float = math.nan  # %, best epoch
     tau_start: float = math.nan

@@ -38,7 +38,7 @@ dynas (every public module in it is imported: drop a file there), the ``dynas.se
 entry-point group (an installed package), and any module that calls :func:`register_space`.
 
 >>> list_spaces()
-['k_tau', 'mobile_cifar', 'mobile_imagenet']
+['k_tau', 'mobile_cifar', 'mobile_cifar_ops', 'mobile_imagenet']
 >>> get_space("mobile_cifar", num_classes=100).smallest().num_classes
 100
 """

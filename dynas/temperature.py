@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dynas.ops import DynamicConv2d
+from dynas.ops import TEMPERATURE_LAYERS, DynamicConv2d, ODConv2d
 
 __all__ = ["LinearAnneal", "TemperatureSchedule", "current_temperature", "dynamic_layers", "set_temperature"]
 
@@ -61,9 +61,9 @@ class LinearAnneal:
         return float(self.start + (self.end - self.start) * step / self.anneal_steps)
 
 
-def dynamic_layers(model: nn.Module) -> list[tuple[str, DynamicConv2d]]:
-    """All :class:`DynamicConv2d` submodules of ``model`` with their qualified names."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, DynamicConv2d)]
+def dynamic_layers(model: nn.Module) -> list[tuple[str, DynamicConv2d | ODConv2d]]:
+    """All submodules of ``model`` with a temperature (DY-conv, ODConv), with their qualified names."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, TEMPERATURE_LAYERS)]
 
 
 def current_temperature(model: nn.Module, default: float = 1.0) -> float:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynas.checks import check_int, check_number
+from dynas.checks import check_int, check_number, check_train_batches
 from dynas.data import BatchLoader, DataBundle
 from dynas.errors import DynasError, did_you_mean
 from dynas.temperature import LinearAnneal, TemperatureSchedule, dynamic_layers, set_temperature
@@ -138,6 +138,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise DynasError(f"`device` is {str(parsed)!r}, but CUDA is not available here; use 'auto' or 'cpu'.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise DynasError(
+            f"`device` is {str(parsed)!r}, but this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+        )
     return parsed
 
 
@@ -304,6 +309,7 @@ class _Run:
 
 
 def _setup(model: nn.Module, data: DataBundle, config: TrainConfig, schedule: TemperatureSchedule | None) -> _Run:
+    check_train_batches(config.batch_size, len(data.train))
     device = resolve_device(config.device)
     amp_dtype = _amp_dtype(config.amp, device)
     torch.manual_seed(config.seed)  # dropout and anything else drawing from the global RNG

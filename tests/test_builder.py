@@ -166,3 +166,90 @@ def test_create_act_rejects_unknown():
     assert isinstance(create_act("hswish"), nn.Hardswish)
     with pytest.raises(ValueError, match=r"`name` must be one of \('relu', 'relu6', 'hswish'\), but got name='gelu'\."):
         create_act("gelu")
+
+
+# ----------------------------------------------------------------------------- ODConv and DCD blocks
+
+from dynas.ops import DCDConv2d, ODConv2d  # noqa: E402
+
+
+def test_create_conv2d_picks_odconv_and_dcd():
+    x = torch.randn(2, 8, 9, 9)
+    od = create_conv2d(8, 16, 3, stride=2, op="od", num_kernels=1)
+    assert isinstance(od, ODConv2d) and od.num_kernels == 1 and od(x).shape == (2, 16, 5, 5)
+    dcd = create_conv2d(8, 16, 1, op="dcd", latent=6, reduction=8)
+    assert isinstance(dcd, DCDConv2d) and dcd.latent == 6 and dcd(x).shape == (2, 16, 9, 9)
+    assert dcd.attention.fc.out_features == max(max(32, 36) // 8, 4)  # widening: a 2x2 pool, 4 * 8 inputs
+    with pytest.raises(ValueError, match=r"op='dcd' is a dense 1x1 conv, but got kernel_size=3, groups=1\."):
+        create_conv2d(8, 16, 3, op="dcd")
+    with pytest.raises(ValueError, match=r"`op` must be one of \('dy', 'od', 'dcd'\), but got op='cond'\."):
+        create_conv2d(8, 16, 1, op="cond")
+
+
+def _ops_arch(**overrides) -> ArchSpec:
+    stages = (
+        StageSpec((BlockSpec(3, 1, 16, op="od", num_kernels=1, dynamic_convs="all"),)),
+        StageSpec((BlockSpec(5, 6, 24, 2, True, "hswish", 4, "pw", "od"), BlockSpec(3, 4, 24, op="dcd"))),
+    )
+    fields = dict(stem_channels=16, stages=stages, head_channels=64, stem_stride=1, num_classes=10, input_size=32,
+                  head_op="od", head_num_kernels=2)
+    return ArchSpec(**{**fields, **overrides})
+
+
+def test_operator_per_conv_for_odconv_and_dcd_blocks():
+    model = build_model(_ops_arch())
+    first, od_pw, dcd = model.stages[0][0], model.stages[1][0], model.stages[1][1]
+    assert isinstance(first.depthwise.conv, ODConv2d) and isinstance(first.project.conv, ODConv2d)  # "all"
+    assert first.project.conv.num_kernels == 1
+    assert isinstance(od_pw.expand.conv, ODConv2d) and od_pw.expand.conv.num_kernels == 4
+    assert type(od_pw.depthwise.conv) is nn.Conv2d  # "pw": the depthwise stays static
+    assert isinstance(dcd.expand.conv, DCDConv2d) and isinstance(dcd.project.conv, DCDConv2d)
+    assert type(dcd.depthwise.conv) is nn.Conv2d
+    assert isinstance(model.head.conv.conv, ODConv2d) and model.head.conv.conv.num_kernels == 2
+    assert isinstance(build_model(_ops_arch(head_op="dcd", head_num_kernels=1)).head.conv.conv, DCDConv2d)
+
+
+def test_odconv_and_dcd_checkpoint_keys_are_stable():
+    keys = set(build_model(_ops_arch()).state_dict())
+    for key in (
+        "stages.0.0.depthwise.conv.weight",
+        "stages.0.0.depthwise.conv.attention.fc.weight",
+        "stages.0.0.depthwise.conv.attention.bn.running_mean",
+        "stages.0.0.depthwise.conv.attention.heads.weight",
+        "stages.1.1.expand.conv.weight",
+        "stages.1.1.expand.conv.weight_p",
+        "stages.1.1.expand.conv.weight_q",
+        "stages.1.1.project.conv.attention.gate.weight",
+        "stages.1.1.project.conv.attention.heads.weight",
+        "head.conv.conv.attention.heads.bias",
+    ):
+        assert key in keys, key
+
+
+def test_dcd_reduction_reaches_every_dcd_conv():
+    model = build_model(_ops_arch(dcd_reduction=2))
+    project = model.stages[1][1].project.conv  # 96 -> 24: global pool, L = 12
+    assert project.attention.fc.out_features == max(96, project.latent**2) // 2
+
+
+def test_init_of_odconv_and_dcd():
+    torch.manual_seed(0)
+    model = build_model(_ops_arch())
+    od = model.stages[1][0].expand.conv  # (K=4, 96, 16, 1, 1)
+    for k in range(4):
+        assert od.weight[k].std().item() == pytest.approx(math.sqrt(2 / 96), rel=0.1)
+    assert od.attention.heads.weight.std().item() > 0.05  # the official kaiming init, not normal(0, 0.01)
+    dcd = model.stages[1][1].expand.conv  # 24 -> 96
+    assert dcd.weight.std().item() == pytest.approx(math.sqrt(2 / 96), rel=0.1)
+    assert dcd.attention.fc.weight.std().item() == pytest.approx(0.01, rel=0.1)  # the official DCD init
+    x = torch.randn(2, 24, 8, 8)
+    lam, _ = dcd.attention(x)
+    torch.testing.assert_close(lam, torch.ones_like(lam), atol=0.01, rtol=0)  # starts as its static conv
+
+
+def test_odconv_and_dcd_networks_train_at_any_resolution():
+    model = build_model(_ops_arch())
+    for size in (32, 17):
+        out = model(torch.randn(2, 3, size, size))
+        out.sum().backward()
+        assert out.shape == (2, 10) and all(p.grad is not None for p in model.parameters())

@@ -203,3 +203,28 @@ def test_supernet_train_then_search_with_it(tmp_path, capsys):
                           "--evaluator", "supernet", "--supernet", str(sn / "supernet.pt")])
     assert "supernet" in err and not (tmp_path / "other" / "results.jsonl").exists()
     assert "needs --supernet PATH" in _error(capsys, _search(tmp_path, "--max-macs", "1.5M", "--evaluator", "supernet"))
+
+
+def test_search_train_and_export_on_grayscale_npz(tmp_path, capsys):
+    """1-channel data end to end: the space, the trained models and the exported files take 1 channel."""
+    import numpy as np
+    import torch
+
+    from dynas.models import load_model
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "gray.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (120, 16, 16), dtype=np.uint8), y_train=np.arange(120) % 3,
+             x_test=rng.integers(0, 256, (30, 16, 16), dtype=np.uint8), y_test=np.arange(30) % 3)
+    data = ["--dataset", "npz", "--data-root", str(path), "--epochs", "1", "--max-steps-per-epoch", "1",
+            "--batch-size", "16", "--quiet", "--num-threads", "1"]
+    run = tmp_path / "run"
+    assert main(["search", *data, "--max-macs", "1.5M", "--trials", "2", "--sampler", "random", "--run-dir", str(run)]) == 0
+    arch = json.loads((run / "results.jsonl").read_text().splitlines()[0])["arch"]
+    assert arch.startswith("r16_in1_")
+    assert main(["train", "--config", str(run / "config.yaml"), "--arch", arch, "--out", str(tmp_path / "train")]) == 0
+    assert main(["export", str(run), "--no-latency"]) == 0
+    capsys.readouterr()
+    for model_file in [tmp_path / "train" / "model.pt", *run.glob("export/*/model.pt")]:
+        model = load_model(model_file)
+        assert model.arch.in_channels == 1 and model(torch.zeros(2, 1, 16, 16)).shape == (2, 3)

@@ -274,3 +274,23 @@ def test_closed_form_is_much_faster_than_fvcore():
 def test_closed_form_rejects_non_spec():
     with pytest.raises(TypeError, match="`arch` must be an ArchSpec"):
         closed_form_macs("mobilenetv2_100")
+
+
+@pytest.mark.parametrize("name", ["od4_mobilenetv2_050", "od1_mobilenetv2_050", "dcd_mobilenetv2_050"])
+@pytest.mark.parametrize("size", [(97, 130), (7, 9)], ids=["odd", "tiny"])
+def test_closed_form_follows_odconv_and_dcd_on_odd_maps(name, size):
+    """DCD's 2x2 pool cells overlap on odd maps and its path flips with the map size: both are counted."""
+    _assert_closed_form_matches(get_preset(name), size)
+
+
+def test_closed_form_counts_an_operator_swap_by_its_formula():
+    base = get_preset("mobilenetv2_035")
+    block = base.stages[-1].blocks[-1]  # 7x7, 96 -> 576 -> 112 at x0.35
+    cin = base.stages[-2].blocks[-1].out_channels
+    mid, out = 6 * cin, block.out_channels
+    od = dataclasses.replace(base, stages=(*base.stages[:-1], dataclasses.replace(base.stages[-1], blocks=(dataclasses.replace(block, op="od"),))))
+    hidden = lambda c: max(c // 16, 16)  # noqa: E731
+    # ODConv 1x on both 1x1s: GAP, FC, one FC for the channel and filter heads (1x1: no spatial, K = 1: no kernel)
+    expand = cin * 49 + cin * hidden(cin) + hidden(cin) * (cin + mid)
+    project = mid * 49 + mid * hidden(mid) + hidden(mid) * (mid + out)
+    assert closed_form_macs(od) - closed_form_macs(base) == expand + project

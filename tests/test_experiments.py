@@ -62,3 +62,44 @@ def test_static_vs_dynamic_runs_and_writes_results(cifar10_mini, tmp_path, capsy
     assert not static["attention_entropy"] and dynamic["attention_entropy"]
     assert 0 <= dynamic["test_top1"] <= 100
     assert "time per epoch ratio" in capsys.readouterr().out
+
+
+def test_odconv_presets_match_the_official_readme():
+    for row in _script("paper_table").OPERATORS:
+        params, macs, _ = row.figures
+        arch = get_preset(row.preset)
+        if row.source == "ODConv README":
+            assert closed_form_params(arch) == pytest.approx(params, rel=0.005), row.preset
+            if not row.preset.startswith("od4_"):
+                assert closed_form_macs(arch) == pytest.approx(macs, rel=0.01), row.preset
+
+
+@pytest.mark.parametrize("width", ["100", "050"])
+def test_odconv_4x_macs_differ_from_the_readme_by_its_counting_of_the_aggregation(width):
+    """The README's 4x counts K - 1 adds per kernel element on top of dynas' K |W|: with them, 4x is off as 1x is."""
+    from dynas.builder import build_model
+    from dynas.ops import ODConv2d
+
+    rows = {r.preset: r for r in _script("paper_table").OPERATORS}
+    one, four = rows[f"od1_mobilenetv2_{width}"], rows[f"od4_mobilenetv2_{width}"]
+    model = build_model(get_preset(four.preset))
+    kernel_elements = sum(m.weight[0].numel() for m in model.modules() if isinstance(m, ODConv2d))
+    offset_1x = closed_form_macs(get_preset(one.preset)) / one.figures[1]
+    with_adds = (closed_form_macs(get_preset(four.preset)) + 3 * kernel_elements) / four.figures[1]
+    assert abs(closed_form_macs(get_preset(four.preset)) / four.figures[1] - 1) > 0.02  # the deviation explained
+    assert with_adds == pytest.approx(offset_1x, abs=0.005)
+
+
+def test_dcd_presets_match_the_official_model_but_its_classifier_and_latent_norms():
+    for row in _script("paper_table").OPERATORS:
+        if row.preset.startswith("dcd_"):
+            params = closed_form_params(get_preset(row.preset))
+            assert params + row.unmodelled_params == pytest.approx(row.figures[0], rel=0.02), row.preset
+            assert abs(params / row.figures[0] - 1) > 0.02  # hence the stated reason
+
+
+def test_paper_table_prints_the_operator_table(capsys):
+    assert _script("paper_table").main(["--closed-form"]) == 0
+    out = capsys.readouterr().out
+    assert "ODConv and DCD presets against their sources" in out
+    assert all(preset in out for preset in ("od1_mobilenetv2_100", "od4_mobilenetv2_050", "dcd_mobilenetv2_050"))

@@ -446,3 +446,10 @@ def test_retrained_model_is_at_the_trained_temperature(retrained):
 
 def test_retrained_test_top1_is_measured(retrained):
     assert not math.isnan(_number(_card_value(retrained, "test top-1")))
+
+
+def test_the_card_has_eager_and_onnxruntime_latencies(best):
+    card = (best / "card.md").read_text()
+    eager = re.search(r"PyTorch eager .*\| ([\d.]+) ms \|", card)
+    onnx = re.search(r"onnxruntime `model.onnx` .*\| ([\d.]+) ms \|", card)
+    assert eager and onnx and float(eager.group(1)) > 0 and float(onnx.group(1)) > 0

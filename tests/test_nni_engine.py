@@ -290,3 +290,62 @@ def test_local_execution_listens_on_loopback_only(data, tmp_path):
     assert _listeners(port) == []
     _check_run(frame, evaluator, 3, first_trial=0)
     assert any((tmp_path / "nni").glob("*/db"))
+
+
+def _kernel_of_first_block(candidate, trial) -> float:
+    return float(candidate.arch.stages[0].blocks[0].kernel_size)
+
+
+@pytest.mark.parametrize("strategy", ["random", "evolution", "tpe"])
+def test_a_tight_budget_gets_in_budget_start_up_samples(data, tmp_path, strategy):
+    """At 16x16 under 1.5M MACs most uniform samples are over budget (evolution used to propose
+    500 rejections and stop with 2 trials of 10): the start-up samples are drawn within it."""
+    space = _space()
+    budget = Budget(max_macs=1.5e6)
+    config = TrainConfig(epochs=1, device="cpu", quiet=True)
+    evaluator = CandidateEvaluator(budget, data, config, ResultsTable(tmp_path), keep_weights=0, objective=_kernel_of_first_block)
+    frame = run_nni_search(space, evaluator, n_trials=6, strategy=strategy, seed=0)
+    start_up = {"random": 6, "evolution": 3, "tpe": 6}[strategy]  # all; the first population (6 // 2); TPE's first 20
+    assert (frame["state"] != "rejected").sum() == 6
+    assert (frame["state"].head(start_up) != "rejected").all(), frame["state"].tolist()
+    assert (frame.loc[frame["state"] != "rejected", "macs"] <= budget.max_macs).all()
+
+
+def test_start_up_samples_are_left_to_the_strategy_when_the_budget_is_out_of_reach():
+    from dynas.engines.nni_engine import _InBudgetDraws
+
+    space = _space()
+    smallest = closed_form_macs(space.smallest())
+    draws = _InBudgetDraws(space, Budget(max_macs=smallest), seed=0)  # only the very smallest fits
+    assert draws() is None and draws() is None  # sample_within_budget gave up once: not asked again
+    sample = _InBudgetDraws(space, Budget(max_macs=1.5e6), seed=0)()
+    assert set(sample) == {c.label for c in space.choices()}  # every label, as NNI samples
+    assert closed_form_macs(space.decode(sample).arch) <= 1.5e6
+
+
+def test_trials_that_die_before_writing_a_row_count_as_failed(data, tmp_path, caplog):
+    from dynas.engines.nni_engine import _count_failed_trials
+
+    evaluator = _evaluator(data, tmp_path, TinySpace())
+    _count_failed_trials(evaluator, admitted=3, written=1, logs=tmp_path / "exp")
+    assert (evaluator.counters.proposed, evaluator.counters.failed) == (2, 2)
+    assert f"2 of 3 NNI trials failed before writing a row; see their logs under {tmp_path / 'exp' / 'trials'}" in caplog.text
+
+
+def test_local_execution_with_progress_bars_trains_every_trial(tmp_path, capsys):
+    """Without --quiet the trial bar used to be pickled into NNI's trial processes, where every
+    trial died loading it and the run said "0 trained" with exit code 0."""
+    from dynas.cli import main
+
+    argv = [
+        "search", "--engine", "nni", "--execution", "local", "--port", str(_free_port()), "--strategy", "random",
+        "--dataset", "digits", "--input-size", "16", "--train-subset", "64", "--epochs", "1", "--max-steps-per-epoch", "1",
+        "--batch-size", "16", "--num-threads", "1", "--max-macs", "1.5M", "--trials", "2", "--no-baselines",
+        "--run-dir", str(tmp_path / "run"),
+    ]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "2 trained (0 pruned, 0 failed)" in out, out + err
+    assert "trials: 100%" in err and "2/2" in err  # the bar, in this process, saw both trials
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in rows if r["state"] != "rejected"] == ["complete", "complete"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -27,6 +28,7 @@ def _params(arch: ArchSpec) -> int:
 def test_preset_names():
     widths = ("100", "075", "050", "035")
     imagenet = {f"{dy}mobilenetv2_{w}" for dy in ("", "dy_") for w in widths} | {"mobilenetv3_small", "dy_mobilenetv3_small"}
+    imagenet |= {f"{op}_mobilenetv2_{w}" for op in ("od1", "od4", "dcd") for w in ("100", "050")}
     expected = imagenet | {f"{name}_cifar" for name in imagenet}
     assert set(list_presets()) == expected == set(PRESETS)
     assert list_presets() == sorted(expected)
@@ -119,3 +121,28 @@ def test_get_preset_suggests_close_names():
 def test_cifar_presets_are_the_cifar_variants(name):
     assert get_preset(f"{name}_cifar") == cifar_variant(get_preset(name))
     assert (get_preset(f"{name}_cifar").input_size, get_preset(f"{name}_cifar").num_classes) == (32, 10)
+
+
+@pytest.mark.parametrize("width", ["100", "050"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_odconv_presets_are_the_official_od_mobilenetv2(width, k):
+    arch, static = get_preset(f"od{k}_mobilenetv2_{width}"), get_preset(f"mobilenetv2_{width}")
+    assert all((b.op, b.num_kernels, b.dynamic_convs) == ("od", k, "all") for b in arch.blocks)
+    assert (arch.head_op, arch.head_num_kernels) == ("od", k)
+    assert [dataclasses.replace(b, op="dy", num_kernels=1, dynamic_convs="pw") for b in arch.blocks] == list(static.blocks)
+
+
+@pytest.mark.parametrize("width,squeeze", [("100", 16), ("050", 8)])
+def test_dcd_presets_are_the_official_mobilenetv2_dcd(width, squeeze):
+    arch = get_preset(f"dcd_mobilenetv2_{width}")
+    first, *rest = arch.blocks
+    assert not first.is_dynamic and first.expansion == 1  # the official first block has no DCD
+    assert all(b.op == "dcd" and b.latent == 0 for b in rest)
+    assert not arch.head_is_dynamic and arch.dcd_reduction == squeeze
+    model = build_model(arch)
+    assert type(model.stages[1][0].depthwise.conv) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("name", ["od4_mobilenetv2_050", "dcd_mobilenetv2_100"])
+def test_operator_cifar_presets_are_the_cifar_variants(name):
+    assert get_preset(f"{name}_cifar") == cifar_variant(get_preset(name))

@@ -270,3 +270,131 @@ def test_arch_from_str_rejects(text, match):
 
 def test_blocks_property_flattens_stages():
     assert _arch().blocks == _arch().stages[0].blocks + _arch().stages[1].blocks
+
+
+# ----------------------------------------------------------------------------- operators (ODConv, DCD)
+
+import hashlib  # noqa: E402
+
+from dynas.spec import OPS, dcd_latent_channels  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "block,text",
+    [
+        (BlockSpec(3, 6, 24, 2, op="od", num_kernels=4, dynamic_convs="all"), "k3e6c24s2_relu6_od4all"),
+        (BlockSpec(3, 6, 24, op="od", num_kernels=1), "k3e6c24s1_relu6_od1pw"),
+        (BlockSpec(5, 6, 40, 2, True, "hswish", op="dcd"), "k5e6c40s2_hswish_se_dcd"),
+        (BlockSpec(3, 6, 24, op="dcd", latent=8), "k3e6c24s1_relu6_dcd8"),
+        (BlockSpec(3, 6, 24, num_kernels=4), "k3e6c24s1_relu6_dy4pw"),  # DY-conv: unchanged
+    ],
+)
+def test_operator_tokens_round_trip(block, text):
+    assert block.to_str() == text and BlockSpec.from_str(text) == block
+    assert BlockSpec.from_dict(json.loads(json.dumps(block.to_dict()))) == block
+    assert block.is_dynamic
+
+
+def test_op_is_what_makes_a_k1_block_dynamic():
+    assert not BlockSpec(3, 6, 24).is_dynamic and BlockSpec(3, 6, 24, op="od").is_dynamic
+    assert BlockSpec(3, 6, 24, op="od", dynamic_convs="all") != BlockSpec(3, 6, 24, op="od")  # not normalised
+    assert OPS == ("dy", "od", "dcd")
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(op="cond"), ValueError, r"`op` must be one of \('dy', 'od', 'dcd'\), but got op='cond'"),
+        (dict(op="dcd", num_kernels=4), ValueError, r"`num_kernels` must be 1 for op='dcd' .* but got num_kernels=4\."),
+        (dict(op="dcd", dynamic_convs="all"), ValueError, r"`dynamic_convs` must be 'pw' for op='dcd' .* but got dynamic_convs='all'\."),
+        (dict(latent=8), ValueError, r"`latent` must be 0 unless op='dcd', but got latent=8 with op='dy'\."),
+        (dict(op="dcd", latent=-1), ValueError, r"`latent` must be an integer >= 0, but got latent=-1\."),
+    ],
+)
+def test_operator_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BlockSpec(3, 6, 24, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("k3e6c24s1_relu6_od0all", r"`od0` asks for no kernels; ODConv needs K >= 1"),
+        ("k3e6c24s1_relu6_od4", r"unknown, repeated or misplaced token 'od4'"),
+        ("k3e6c24s1_relu6_dcd0", r"unknown, repeated or misplaced token 'dcd0'"),
+        ("k3e6c24s1_relu6_dcd_se", r"unknown, repeated or misplaced token 'se'"),
+        ("k3e6c24s1_relu6_dy4pw_dcd", r"unknown, repeated or misplaced token 'dcd'"),
+    ],
+)
+def test_operator_tokens_reject(text, match):
+    with pytest.raises(DynasError, match=match):
+        BlockSpec.from_str(text)
+
+
+@pytest.mark.parametrize("head,op,k", [("head64_relu6_od4_cls10_drop0.2", "od", 4), ("head64_relu6_od1_cls10_drop0.2", "od", 1),
+                                       ("head64_relu6_dcd_cls10_drop0.2", "dcd", 1), ("head64_relu6_dy3_cls10_drop0.2", "dy", 3)])
+def test_head_operator_tokens_round_trip(head, op, k):
+    arch = ArchSpec.from_str(f"r32_in3_stem16s1_relu6 / k3e1c16s1_relu6 / {head}")
+    assert (arch.head_op, arch.head_num_kernels, arch.head_is_dynamic) == (op, k, True)
+    assert arch.to_str().endswith(head) and ArchSpec.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+
+
+def test_head_operator_validation():
+    with pytest.raises(ValueError, match=r"`head_op` must be one of \('dy', 'od', 'dcd'\), but got head_op='odd'"):
+        _arch(head_op="odd")
+    with pytest.raises(ValueError, match=r"`head_num_kernels` must be 1 for head_op='dcd', but got head_num_kernels=4\."):
+        _arch(head_op="dcd", head_num_kernels=4)
+    with pytest.raises(DynasError, match=r"the head's `od` token needs K >= 1"):
+        ArchSpec.from_str("r32_in3_stem16s1_relu6 / k3e1c16s1_relu6 / head64_relu6_od0_cls10_drop0.2")
+
+
+def test_dcd_reduction_is_written_only_when_not_the_default():
+    arch = _arch(dcd_reduction=8)
+    assert arch.to_str().endswith("_drop0.2_dcdsq8")
+    assert ArchSpec.from_str(arch.to_str()) == arch and "dcd_reduction" in arch.to_dict()
+    assert "dcd_reduction" not in _arch().to_dict() and "_dcdsq" not in _arch().to_str()
+
+
+# sha256 of (the JSON the previous dynas wrote, sort_keys=True) and of the string, computed with the spec
+# before operators existed: a DY-conv or static arch keeps both byte for byte, since a study finds its
+# duplicates and interrupted trials by that JSON.
+_LEGACY = {
+    "test_spec": ("f23a2bcd6623283ec3905888f6b8e565194b084c9a625afc22e21f6b92ae9f91", "f075669f8101ac7a7e26a5ae67214cfdf9606f2bde433aecee78f21a1d8ce12f"),
+    "dy_mobilenetv3_small_cifar": ("1f76479bf60aa8c419892d8119153c58a48075730ce5c73d9f1701e6dc7bc078", "754de514b0784b0a9116f7976cdec4dd7e4f30d12df262c1f00f50cbf5755492"),
+    "mobilenetv2_050": ("b05aa476b53f46c12445478d70b3f2337a348fd5ab4b6fcecc63815c05ce6930", "b64e7fd5c5ba7f5f510ead7937e036c670c90454fc79e8bff0fd9abb86194bbc"),
+    "dy_mobilenetv2_100": ("04b8823dbfebf3677142a547fb7cc41288442bb2e4303c4298fd7f29d5dda051", "d761ae7a2d6b13b024cd5a2c773dcc2375973d1c5024e880f53f1b4946c3fe13"),
+}
+_LEGACY_SAMPLES = {  # 20 samples (seeds 0-19) of each space, their JSONs joined by newlines
+    "mobile_cifar": "3bf46c7314253c067a819d9dd2b75747e861de09b480898b30eb5df0f2a9b7a9",
+    "mobile_imagenet": "ae6edb7c81d5b6e667a09dea9bacfea414e59f9f28404c0011ac8866ec6ad0ae",
+    "k_tau": "40359a673331afd8bfb37b2b4affdb963a05f2791fddfcd25c7b25d5c9b43e0e",
+}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_existing_archs_keep_their_json_and_string_byte_for_byte():
+    from dynas.presets import get_preset
+
+    archs = {"test_spec": _arch(head_hidden=1024, head_num_kernels=4, attention_reduction=8, dropout=0.25)}
+    archs |= {name: get_preset(name) for name in _LEGACY if name != "test_spec"}
+    for name, arch in archs.items():
+        text, data = arch.to_str(), json.dumps(arch.to_dict(), sort_keys=True)
+        assert (_sha(data), _sha(text)) == _LEGACY[name], name
+        assert ArchSpec.from_str(text) == ArchSpec.from_dict(json.loads(data)) == arch
+
+
+@pytest.mark.parametrize("space_name", list(_LEGACY_SAMPLES))
+def test_existing_spaces_samples_keep_their_json(space_name):
+    from dynas.spaces import get_space
+
+    space = get_space(space_name)
+    archs = [space.sample(seed).arch for seed in range(20)]
+    assert _sha("\n".join(json.dumps(a.to_dict(), sort_keys=True) for a in archs)) == _LEGACY_SAMPLES[space_name]
+    assert all(ArchSpec.from_str(a.to_str()) == a for a in archs)
+
+
+def test_dcd_latent_rule():
+    assert [dcd_latent_channels(cin, cout) for cin, cout in ((8, 48), (48, 16), (16, 96), (96, 16), (960, 160))] == [4, 8, 8, 8, 40]

@@ -109,3 +109,13 @@ def test_plain_optuna_users_get_in_budget_startup_draws(space):
         study.optimize(objective, n_trials=12)
         within[wrapped] = sum(-t.value <= BUDGET for t in study.trials)
     assert within == {False: pytest.approx(0, abs=2), True: 12}
+
+
+def test_the_optuna_study_reads_without_dynas(space, tmp_path):
+    result = search(space, max_macs=BUDGET, objective=lambda c, t: 1.0, n_trials=3, sampler="random", run_dir=tmp_path)
+    study = result.study
+    assert study.metric_names == ["val_top1"]
+    trial = study.trials[0]
+    assert trial.user_attrs["origin"] == "baseline-static" and trial.user_attrs["dynamic_blocks"] == 0
+    assert trial.user_attrs["num_params"] > 0 and trial.user_attrs["macs"] <= BUDGET
+    assert trial.user_attrs["fidelity"] == "objective"

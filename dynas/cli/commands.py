@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+from dynas.checks import check_heartbeat, check_input_size, check_train_batches
 from dynas.config import load_run_data, train_config, write_resolved
 from dynas.errors import DynasError
 
@@ -38,6 +40,8 @@ def _read_enqueue(path: str | None) -> list[dict[str, Any]]:
         raise DynasError(f"enqueue file {path!r} is not UTF-8 text.") from None
     except json.JSONDecodeError as err:
         raise DynasError(f"enqueue file {path!r} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise DynasError(f"enqueue file {path!r} is not valid JSON: too deeply nested.") from None
     items = data if isinstance(data, list) else [data]
     if not all(isinstance(item, dict) for item in items):
         raise DynasError(f"enqueue file {path!r} must hold a JSON object of choices or a list of them.")
@@ -102,7 +106,8 @@ def _print_summary(result: Any, run_dir: Path) -> None:
         print(f"baselines: {len(base)} of the trials ({kinds})")
     best = result.best
     if best is None:
-        print("no trial completed yet; rerun the same command to continue.")
+        if not (c.failed and not c.trained):  # when every trial failed, the command's error line says so
+            print("no trial completed yet; rerun the same command to continue.")
     else:
         print(
             f"best architecture (trial {best['trial']}): {best['arch']}\n"
@@ -117,14 +122,16 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.max_macs is None:
         raise DynasError("a search needs a MAC budget: give --max-macs (e.g. 5M) or `max_macs` in the config.")
+    check_heartbeat(args.heartbeat_interval, args.grace_period)
     _check_engine_names(args)  # before loading any data
     _check_space_name(args.space)
     enqueued = _read_enqueue(args.enqueue)
-    config = train_config(vars(args), quiet=True)  # candidates train quietly: the trial bar shows progress
-    if args.evaluator == "supernet" and not args.supernet:
-        raise DynasError("--evaluator supernet needs --supernet PATH (the supernet.pt of `dynas supernet`).")
+    config = _checked_train_config(args, quiet=True)  # candidates train quietly: the trial bar shows progress
+    if args.evaluator == "supernet":
+        _check_supernet_file(args.supernet)
     run_dir = _prepare_run_dir(args.run_dir)
     data = load_run_data(vars(args))
+    _check_fits(args, data)
     objective = _supernet_objective(args, data) if args.evaluator == "supernet" else None
     progress: _TrialProgress | None = None
 
@@ -167,7 +174,52 @@ def cmd_search(args: argparse.Namespace) -> int:
     if progress is not None:
         progress.close()
     _print_summary(result, run_dir)
-    return 0
+    return _failed_run(result.counters, args, run_dir)
+
+
+def _failed_run(counters: Any, args: argparse.Namespace, run_dir: Path) -> int:
+    """1, with one line saying so, when every trial this run started failed (nothing trained); else 0."""
+    if not counters.failed or counters.trained or counters.duplicates:
+        return 0
+    where = (f"NNI's trial logs under {run_dir / 'nni'}" if args.engine == "nni" and args.execution == "local"
+             else f"the `reason` column of {run_dir / 'results.csv'}")
+    print(f"dynas: error: every trial of this run failed ({counters.failed}), none trained; see {where}.", file=sys.stderr)
+    return 1
+
+
+def _checked_train_config(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The run's TrainConfig, its device checked here (a missing GPU is refused before anything is written)."""
+    from dynas.training import resolve_device
+
+    config = train_config(vars(args), **overrides)
+    resolve_device(config.device)
+    return config
+
+
+def _total_stride(arch: Any) -> int:
+    stride = arch.stem_stride
+    for stage in arch.stages:
+        for block in stage.blocks:
+            stride *= block.stride
+    return stride
+
+
+def _check_fits(args: argparse.Namespace, data: Any) -> None:
+    """The space's strides fit the data's input size, and the training split makes batches BatchNorm can use."""
+    from dynas.spaces import get_space
+
+    subset = f" (train_subset={args.train_subset})" if args.train_subset is not None else ""
+    check_train_batches(args.batch_size, len(data.train), subset)
+    space = get_space(args.space, input_size=data.input_size)
+    stride = max(_total_stride(space.smallest()), _total_stride(space.largest()))
+    check_input_size(data.input_size, stride, f"space {args.space!r}")
+
+
+def _check_supernet_file(path: str | None) -> None:
+    if not path:
+        raise DynasError("--evaluator supernet needs --supernet PATH (the supernet.pt of `dynas supernet`).")
+    if Path(path).is_dir():
+        raise DynasError(f"supernet file {path!r} is a folder; give its supernet.pt.")
 
 
 def _supernet_objective(args: argparse.Namespace, data: Any) -> Any:
@@ -187,11 +239,12 @@ def cmd_supernet(args: argparse.Namespace) -> int:
 
     _check_space_name(args.space)
     config = SupernetTrainConfig(
-        train=train_config(vars(args), quiet=args.quiet), num_random=args.num_random, distill=args.distill,
+        train=_checked_train_config(args, quiet=args.quiet), num_random=args.num_random, distill=args.distill,
         val_calib_images=args.val_calib_images,
     )
     run_dir = _prepare_run_dir(args.run_dir)
     data = load_run_data(vars(args))
+    _check_fits(args, data)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
     supernet = Supernet(space)
     write_resolved(args, run_dir / "config.yaml")
@@ -215,7 +268,10 @@ def _check_engine_names(args: argparse.Namespace) -> None:
         try:
             from dynas.engines.nni_engine import EXECUTIONS, STRATEGIES
         except ImportError as err:
-            raise DynasError(f"--engine nni needs NNI: pip install 'dynas[nni]' ({err}).") from None
+            cause = err.__cause__ if isinstance(err.__cause__, ImportError) else err
+            if cause.name == "nni":
+                raise DynasError("--engine nni needs NNI, which is not installed: pip install 'dynas[nni]'") from None
+            raise DynasError(f"--engine nni needs NNI, which does not import here ({cause}): pip install 'dynas[nni]'") from None
 
         checks = [("strategy", args.strategy, STRATEGIES), ("execution", args.execution, EXECUTIONS)]
     for kind, name, options in checks:
@@ -230,13 +286,16 @@ def _check_space_name(name: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from dynas.cost import closed_form_macs, closed_form_params
     from dynas.models import create_model, read_arch, save_model
     from dynas.temperature import current_temperature
     from dynas.training import evaluate, train_candidate
 
     arch = read_arch(args.arch)
-    config = train_config(vars(args))
+    config = _checked_train_config(args)
+    check_input_size(arch.input_size, _total_stride(arch), f"architecture {arch.to_str()!r}")
     data = load_run_data(vars(args))
     if (arch.input_size, arch.num_classes) != (data.input_size, data.num_classes):
         raise DynasError(
@@ -244,8 +303,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"classes, but dataset {args.dataset!r} gives {data.input_size}x{data.input_size} and "
             f"{data.num_classes}; pass --input-size or use a matching architecture."
         )
+    subset = f" (train_subset={args.train_subset})" if args.train_subset is not None else ""
+    check_train_batches(args.batch_size, len(data.train), subset)
     out = _prepare_run_dir(args.out)
     write_resolved(args, out / "config.yaml")
+    torch.manual_seed(config.seed)  # the initial weights: the same command trains the same model
     model = create_model(arch, in_channels=data.in_channels)
     result = train_candidate(model, data, config, checkpoint_path=out / "checkpoint.pt")
     test_top1 = evaluate(model, data, "test", device=config.device)
@@ -269,6 +331,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dynas.export import export_run
+    from dynas.export.run import ONNX_MISSING
 
     select = "top" if args.top else args.select
     exported = export_run(
@@ -281,7 +344,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         latency=args.latency,
     )
     for item in exported:
-        print(f"trial {item.trial}: {item.folder} (ONNX max abs diff {item.onnx_max_abs_diff:.1e})")
+        onnx = f"ONNX max abs diff {item.onnx_max_abs_diff:.1e}" if (item.folder / "model.onnx").is_file() else "no ONNX"
+        print(f"trial {item.trial}: {item.folder} ({onnx})")
+    if exported and not (exported[0].folder / "model.onnx").is_file():
+        print(f"dynas: warning: model.onnx not written: {ONNX_MISSING}", file=sys.stderr)
     return 0
 
 

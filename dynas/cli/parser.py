@@ -7,9 +7,13 @@ Training defaults are :class:`~dynas.training.TrainConfig`'s fields and data def
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from dynas import __version__
+from dynas.checks import MAX_SEED, brief, check_host
 from dynas.cost import parse_count
+from dynas.errors import DynasError
 from dynas.training import TrainConfig
 
 __all__ = ["ENGINES", "build_parser"]
@@ -18,66 +22,111 @@ ENGINES = ("optuna", "nni")
 _TRAIN = TrainConfig()
 
 
-def _count(text: str) -> int:
+# Each type takes the text of a flag or the value of a YAML key (a str, int, float, list, ...):
+# `trials: 3.0` in YAML is read as 3, but 2.5 is refused (never truncated); on the command line
+# an integer must be written as one.
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise argparse.ArgumentTypeError(f"expected a count such as 5M or 5e6, but got {brief(value)}")
+    if isinstance(value, float) and math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a count such as 5M or 5e6, but got {value!r}")
     try:
-        return parse_count(text)
+        count = parse_count(value)
+    except OverflowError:  # 1e400 or inf: float('inf') has no integer
+        raise argparse.ArgumentTypeError(f"a count must be finite, but got {value!r}") from None
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if count < 1:  # 0.4 rounds to a budget of 0
+        raise argparse.ArgumentTypeError(f"a count must be >= 1, but got {value!r}")
+    return count
 
 
-def _number(text: str) -> float:
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise argparse.ArgumentTypeError(f"must be a number, but got {brief(value)}")
     try:
-        value = float(text)
+        number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, but got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, but got {text}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be a number, but got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, but got {value}")
+    return number
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, but got {text!r}") from None
+def _integer(value: object) -> int:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, but got {value!r}") from None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise argparse.ArgumentTypeError(f"must be an integer, but got {brief(value)}")
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: object) -> int:
     value = _integer(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, but got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, but got {value}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def _non_negative_int(text: object) -> int:
     value = _integer(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, but got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, but got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def _bounded_int(low: int, high: int) -> Callable[[object], int]:
+    def parse(text: object) -> int:
+        value = _integer(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, but got {value}")
+        return value
+
+    return parse
+
+
+_seed = _bounded_int(0, MAX_SEED)
+_port = _bounded_int(1, 65535)
+
+
+def _host(value: object) -> str:
+    if not isinstance(value, str):
+        raise argparse.ArgumentTypeError(f"must be a string, but got {brief(value)}")
+    try:
+        return check_host("host", value)
+    except DynasError:
+        raise argparse.ArgumentTypeError(f"must be an IP address or a host name, but got {value!r}") from None
+
+
+def _positive_float(text: object) -> float:
     value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, but got {text}")
     return value
 
 
-def _fraction(text: str) -> float:
+def _fraction(text: object) -> float:
     value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1), but got {text}")
     return value
 
 
-def _unit_interval(text: str) -> float:
+def _unit_interval(text: object) -> float:
     value = _number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], but got {text}")
     return value
 
 
-def _subset(text: str) -> float:
+def _subset(text: object) -> float:
     value = _positive_float(text)
     if value > 1 and value != int(value):
         raise argparse.ArgumentTypeError(f"must be a count (an integer) or a fraction in (0, 1], but got {text}")
@@ -120,7 +169,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--anneal-fraction", type=_unit_interval, default=_TRAIN.anneal_fraction, help="share of steps annealing tau to 1")
     group.add_argument("--max-steps-per-epoch", type=_positive_int, default=_TRAIN.max_steps_per_epoch, help="cap for quick proxies")
     group.add_argument("--device", default=_TRAIN.device, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    group.add_argument("--seed", type=_non_negative_int, default=_TRAIN.seed, help="data split, initialisation and training")
+    group.add_argument("--seed", type=_seed, default=_TRAIN.seed, help="data split, initialisation and training")
     group.add_argument("--num-threads", type=_positive_int, default=_TRAIN.num_threads, help="CPU threads for torch (1 per worker when several share a machine)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -136,8 +185,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--pruner", default="median", help="optuna: median, hyperband, none")
     group.add_argument("--strategy", default="evolution", help="nni: random, evolution, tpe, grid")
     group.add_argument("--execution", default="sequential", help="nni: sequential (in process) or local (NNI web UI)")
-    group.add_argument("--host", default="127.0.0.1", help="nni local: address of the web UI (loopback by default)")
-    group.add_argument("--port", type=_positive_int, default=8081, help="nni local: port of the web UI")
+    group.add_argument("--host", type=_host, default="127.0.0.1", help="nni local: address of the web UI (loopback by default)")
+    group.add_argument("--port", type=_port, default=8081, help="nni local: port of the web UI")
     group.add_argument("--objective", default="top1", help="top1 (single) or top1-macs (Pareto)")
     group.add_argument("--trials", type=_positive_int, default=10, help="candidates to train (rejections do not count)")
     group.add_argument("--max-macs", type=_count, default=None, help="MAC budget, e.g. 5M")

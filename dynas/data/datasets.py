@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from dynas.checks import brief
 from dynas.data.bundle import Augmentation, DataBundle, Split, channel_stats
-from dynas.data.formats import RawDataset, read_cifar10, read_cifar100, read_digits, read_imagefolder, read_npz
+from dynas.data.formats import (
+    RawDataset,
+    check_fits_memory,
+    read_cifar10,
+    read_cifar100,
+    read_digits,
+    read_imagefolder,
+    read_npz,
+)
 from dynas.data.transforms import resize
 from dynas.errors import DynasError, did_you_mean
 
@@ -79,14 +89,17 @@ def load_data(
     Raises:
         DynasError: unknown name, bad argument, or missing / corrupt / mislabelled files.
     """
-    reader = DATASETS.get(name)
+    reader = DATASETS.get(name) if isinstance(name, str) else None
     if reader is None:
         raise DynasError(
-            f"`name` must be one of {', '.join(DATASETS)}, but got {name!r}.{did_you_mean(name, DATASETS)}"
+            f"`name` must be one of {', '.join(DATASETS)}, but got {brief(name)}.{did_you_mean(str(name), DATASETS)}"
         )
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise DynasError(f"`root` must be a path, but got root={brief(root)}.")
     _check_args(val_fraction, train_subset, input_size, seed)
     raw = reader(root, input_size or _DEFAULT_SIZE, seed)
     size = input_size or _native_size(raw, name)
+    check_fits_memory(len(raw.x_train) + len(raw.x_test), int(raw.x_train.shape[1]), size, name)
     train_all = Split(resize(raw.x_train, size), raw.y_train)
     test = Split(resize(raw.x_test, size), raw.y_test)
     train, val = _holdout(train_all, val_fraction, train_subset, seed, name)

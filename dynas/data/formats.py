@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from dynas.errors import DynasError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_CLASSES",
+    "check_fits_memory",
     "RawDataset",
     "read_cifar10",
     "read_cifar100",
@@ -32,6 +36,27 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 _IMAGEFOLDER_TEST_FRACTION = 0.2  # held out as the test split when a folder has no test/
+MAX_CLASSES = 100_000
+"""Most classes a dataset without class names may have: its labels make the class list, so one
+stray label of 2e9 would otherwise allocate two billion names before anything is checked."""
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no bound
+        return None
+
+
+def check_fits_memory(images: int, channels: int, size: int, dataset: str) -> None:
+    """Refuse an ``input_size`` whose uint8 images (all splits) need more than this machine's memory."""
+    needed, memory = images * channels * size * size, _physical_memory()
+    if memory is not None and needed > memory:
+        raise DynasError(
+            f"`input_size` {size} needs {needed / 1e9:,.1f} GB of memory for the images of dataset "
+            f"{dataset!r} ({images} images of {channels}x{size}x{size} bytes), more than this machine's "
+            f"{memory / 1e9:,.1f} GB; use a smaller --input-size."
+        )
 
 
 @dataclass(frozen=True)
@@ -195,9 +220,15 @@ def _class_folders(folder: Path) -> list[Path]:
 
 def _read_image(path: Path, size: int) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
+        with warnings.catch_warnings():
+            # Over Image.MAX_IMAGE_PIXELS PIL only warns (over twice that it refuses): a header
+            # claiming 10^8 pixels would still be decoded into memory. Refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DynasError(f"image {str(path)!r} cannot be read: {err} (PIL's Image.MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DynasError(f"image {str(path)!r} cannot be read: {err}") from None
 
@@ -206,14 +237,14 @@ def _read_class_images(
     folder: Path, classes: list[tuple[int, str]], size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of the ``(label, sub-folder name)`` pairs in ``classes``, resized to ``size``."""
-    images: list[np.ndarray] = []
-    labels: list[int] = []
+    files: dict[int, list[Path]] = {}
     for label, name in classes:
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
+        files[label] = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files[label]:
             raise DynasError(f"class folder {str(folder / name)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        images += [_read_image(p, size) for p in files]
-        labels += [label] * len(files)
+    check_fits_memory(sum(map(len, files.values())), 3, size, "imagefolder")
+    images = [_read_image(p, size) for paths in files.values() for p in paths]
+    labels = [label for label, paths in files.items() for _ in paths]
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -235,6 +266,8 @@ def read_imagefolder(root: str | Path | None, input_size: int, seed: int) -> Raw
     if root is None:
         raise DynasError("dataset 'imagefolder' needs `root`: a folder with one sub-folder per class.")
     folder = Path(root).expanduser()
+    if folder.is_file():
+        raise DynasError(f"image folder {str(folder)!r} is a file, not a folder (one sub-folder per class).")
     if not folder.is_dir():
         raise DynasError(f"image folder {str(folder)!r} does not exist.")
     if (folder / "train").is_dir() and (folder / "test").is_dir():
@@ -287,12 +320,16 @@ def read_npz(root: str | Path | None) -> RawDataset:
     if root is None:
         raise DynasError("dataset 'npz' needs `root`: the path of a .npz file.")
     path = Path(root).expanduser()
+    if path.is_dir():
+        raise DynasError(f"npz file {str(path)!r} is a folder; give the .npz file.")
     if not path.is_file():
         raise DynasError(f"npz file {str(path)!r} does not exist.")
     try:
         with np.load(path, allow_pickle=False) as pack:
             if missing := [k for k in _NPZ_KEYS if k not in pack.files]:
-                raise DynasError(f"npz file {str(path)!r} lacks {missing} (it has {sorted(pack.files)}).")
+                has = sorted(pack.files)
+                listed = ", ".join(has[:6]) + (f", ... ({len(has)} in all)" if len(has) > 6 else "")
+                raise DynasError(f"npz file {str(path)!r} lacks {missing} (it has {listed or 'nothing'}).")
             arrays = {k: pack[k] for k in pack.files if k in (*_NPZ_KEYS, "class_names")}
     except DynasError:
         raise
@@ -319,6 +356,12 @@ def _npz_class_names(arrays: dict[str, np.ndarray], where: str) -> tuple[str, ..
     labels = [arrays[k].reshape(-1) for k in ("y_train", "y_test")]
     if not all(np.issubdtype(y.dtype, np.integer) for y in labels):
         raise DynasError(f"{where}: labels must be integers, but got {[str(y.dtype) for y in labels]}.")
+    for key, y in zip(("y_train", "y_test"), labels):
+        if y.size and int(y.max()) >= MAX_CLASSES:  # checked before making one name per class
+            raise DynasError(
+                f"{where}, {key}: labels must lie in [0, {MAX_CLASSES - 1}] (at most {MAX_CLASSES} classes "
+                f"without `class_names`), but got values from {y.min()} to {y.max()}."
+            )
     top = max((int(y.max()) for y in labels if y.size), default=-1)
     if top < 0:
         raise DynasError(f"{where}: no labels found (y_train and y_test are empty or negative).")

@@ -127,7 +127,7 @@ class CandidateEvaluator:
             arch_json=json.dumps(arch.to_dict(), sort_keys=True),
             macs=macs,
             params=params,
-            dynamic_blocks=sum(b.num_kernels > 1 for s in arch.stages for b in s.blocks),
+            dynamic_blocks=sum(b.is_dynamic for s in arch.stages for b in s.blocks),
             tau_start=float(candidate.tau_start),
             anneal_fraction=float(candidate.anneal_fraction),
             params_json=json.dumps(dict(candidate.params), sort_keys=True, default=str),
@@ -194,6 +194,7 @@ class CandidateEvaluator:
             anneal_fraction=row.anneal_fraction,
             seed=self.train_config.seed + row.trial,
         )
+        torch.manual_seed(config.seed)  # the initial weights: the same trial of the same search trains the same
         model = build_model(candidate.arch)
         start = time.perf_counter()
         try:

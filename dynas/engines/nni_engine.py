@@ -11,6 +11,8 @@ an over-budget candidate is recorded as ``rejected`` by :meth:`CandidateEvaluato
 rejects it from the closed-form count, without building a model) and the strategy is told 0.0. The
 rest are trained by the same :meth:`CandidateEvaluator.evaluate` as Optuna's trials, so both engines
 fill one results table; NNI is told the final val top-1 (0.0 for rejected or failed candidates).
+As in the Optuna engine, the strategies' random start-up samples are drawn within the budget
+(:class:`_InBudgetDraws`), so a tight budget does not spend the start on rejections.
 
 ``n_trials`` counts every candidate a run proposes, rejected ones included, as in the Optuna engine.
 NNI's own resume does not work here, so a rerun starts a new NNI strategy (its population and its
@@ -28,11 +30,13 @@ path NNI 3.0 gives it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ipaddress
 import logging
 import math
 import os
 import pickle
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,11 +44,12 @@ from typing import Any
 
 import pandas as pd
 
+from dynas.budget import Budget, NoFeasibleSampleError, sample_within_budget
 from dynas.checks import check_int, check_name
 from dynas.errors import DynasError
 from dynas.spaces import SearchSpace
 from dynas.engines.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
-from dynas.results import TrialRecord
+from dynas.results import COLUMNS, TrialRecord
 
 try:
     with warnings.catch_warnings():
@@ -57,7 +62,10 @@ try:
         from nni.nas.execution import SequentialExecutionEngine
         from nni.nas.nn.pytorch import ModelSpace
         from nni.nas.space import ExecutableModelSpace, SimplifiedModelSpace
+        from nni.algorithms.hpo.tpe_tuner import TpeTuner
+        from nni.common.hpo_utils import deformat_parameters, format_parameters
         from nni.nas.strategy import TPE, GridSearch, Random, RegularizedEvolution, Strategy
+        from nni.nas.strategy.hpo import HPOTunerStrategy
         from nni.nas.strategy.middleware import Chain, Filter
 except ImportError as err:
     raise ImportError("the NNI engine needs the nni extra: pip install 'dynas[nni]'") from err
@@ -118,24 +126,117 @@ def nni_choices(space: SearchSpace) -> list[tuple[str, list[Any]]]:
     return [(choice.label, list(choice.values)) for choice in space.choices()]
 
 
-def make_strategy(name: str, space: SearchSpace, n_trials: int, seed: int | None) -> Strategy:
-    """An NNI 3.0 multi-trial strategy by name (``STRATEGIES``), seeded; all maximise the metric."""
+class _InBudgetDraws:
+    """Start-up samples drawn uniformly over the candidates within the budget, as NNI samples them.
+
+    A strategy's random start (all of ``random``, the first population of ``evolution``, TPE's
+    start-up jobs) is uniform over the space; under a tight budget almost every such sample is
+    rejected (at 16x16 under 1.5M MACs, 500 of 502 proposals of ``evolution``, which then stopped
+    with 2 trials). Drawn here by rejection on the closed-form cost (~0.1 ms a draw, as the
+    Optuna engine's start-up trials), they have the same distribution over the feasible
+    candidates. Inactive labels, which NNI samples too, take a random value. A budget too tight
+    for uniform draws to hit (``sample_within_budget`` gives up) leaves the start to the strategy.
+    """
+
+    def __init__(self, space: SearchSpace, budget: Budget | None, seed: int | None) -> None:
+        self.space, self.budget = space, budget
+        self.rng = random.Random(seed)
+
+    def __call__(self) -> dict[str, Any] | None:
+        if self.budget is None:
+            return None
+        try:
+            candidate = sample_within_budget(self.space, self.budget, seed=self.rng.randrange(2**63))
+        except NoFeasibleSampleError as err:
+            logger.info("start-up samples are left to the NNI strategy: %s", err)
+            self.budget = None
+            return None
+        sample = {choice.label: self.rng.choice(choice.values) for choice in self.space.choices()}
+        sample.update(candidate.params)
+        return sample
+
+
+class _InBudgetRandom(Random):
+    """NNI's random search, every sample drawn within the budget."""
+
+    def __init__(self, draws: _InBudgetDraws, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._draws = draws
+
+    def random(self, model_space: ExecutableModelSpace) -> ExecutableModelSpace:
+        sample = self._draws()
+        if sample is None:
+            return super().random(model_space)
+        if self._dedup_helper is not None:
+            self._dedup_helper.dedup(sample)  # a repeat raises, and NNI draws again
+        return model_space.freeze(sample)
+
+
+class _InBudgetEvolution(RegularizedEvolution):
+    """Regularized evolution whose first population is drawn within the budget (mutations are not)."""
+
+    def __init__(self, draws: _InBudgetDraws, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._draws = draws
+
+    def random(self) -> ExecutableModelSpace:
+        sample = self._draws()
+        if sample is None:
+            return super().random()
+        if self._dedup_helper is not None:
+            self._dedup_helper.dedup(sample)
+        self._individual_counter += 1
+        return self.model_space.freeze(sample)
+
+
+class _InBudgetTpeTuner(TpeTuner):
+    """NNI's TPE tuner whose start-up jobs (random in TPE) are drawn within the budget."""
+
+    def __init__(self, draws: _InBudgetDraws, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._draws = draws
+
+    def generate_parameters(self, parameter_id: int, **kwargs: Any) -> dict[str, Any]:
+        if parameter_id < self.args.n_startup_jobs and (sample := self._draws()) is not None:
+            params = self.dedup(format_parameters(sample, self.space))
+            self._params[parameter_id] = self._running_params[parameter_id] = params
+            return deformat_parameters(params, self.space)
+        return super().generate_parameters(parameter_id, **kwargs)
+
+
+class _InBudgetTPE(TPE):
+    """NNI's TPE strategy over :class:`_InBudgetTpeTuner` (NNI 3.0's TPE is HPOTunerStrategy(TpeTuner))."""
+
+    def __init__(self, draws: _InBudgetDraws, **kwargs: Any) -> None:
+        HPOTunerStrategy.__init__(self, _InBudgetTpeTuner(draws, **kwargs))
+
+
+def make_strategy(
+    name: str, space: SearchSpace, n_trials: int, seed: int | None, budget: Budget | None = None
+) -> Strategy:
+    """An NNI 3.0 multi-trial strategy by name (``STRATEGIES``), seeded; all maximise the metric.
+
+    With a ``budget``, the strategy's random start-up samples are drawn within it (see
+    :class:`_InBudgetDraws`); ``grid`` walks its grid in order and has none.
+    """
     check_name("strategy", name, STRATEGIES)
     choices = space.choices()
+    draws = _InBudgetDraws(space, budget, seed)
     if name == "random":
-        return Random(seed=seed)
+        return _InBudgetRandom(draws, seed=seed)
     if name == "evolution":
         # NNI's defaults (population 100, tournament 25) never leave the random phase in a short
         # search: size the population to the run, and mutate one choice per child on average.
         population = min(50, max(2, n_trials // 2))
-        return RegularizedEvolution(
+        return _InBudgetEvolution(
+            draws,
             population_size=population,
             sample_size=max(1, population // 3),
             mutation_prob=1.0 / max(1, len(choices)),
             seed=seed,
         )
     if name == "tpe":
-        return TPE(optimize_mode="maximize", seed=seed)  # NNI's TPE minimises by default
+        return _InBudgetTPE(draws, optimize_mode="maximize", seed=seed)  # NNI's TPE minimises by default
     size = math.prod(len(c.values) for c in choices)
     if size > _GRID_LIMIT:
         # NNI walks the grid in order: a huge grid would only ever see its first corner.
@@ -194,8 +295,11 @@ class _BudgetGate(Filter):
         self.n_trials = n_trials
         self.admitted = 0
         self.rejected_trials: list[int] = []
+        self.before_admit: Callable[[], None] | None = None  # local execution: report the trials done so far
 
     def _admit(self, model: ExecutableModelSpace) -> bool:
+        if self.before_admit is not None:
+            self.before_admit()
         candidate = self.space.decode(model.sample)
         if not self.evaluator.cost(candidate.arch)[2]:
             self.admitted += 1
@@ -273,14 +377,17 @@ def run_nni_search(
         return frame[(frame["trial"] >= first_trial) & (frame["engine"] == ENGINE)].reset_index(drop=True)
     with _nni_logging(verbose):
         gate = _BudgetGate(space, evaluator, n_trials)
-        chain = Chain(make_strategy(strategy, space, n_trials, seed), gate)
+        chain = Chain(make_strategy(strategy, space, n_trials, seed, evaluator.budget), gate)
         model_space = DynasModelSpace(nni_choices(space))
         if execution == "sequential":
             nni_evaluator = FunctionalEvaluator(_evaluate_sample, space=space, evaluator=evaluator)
             _run_sequential(model_space, nni_evaluator, chain)
         else:
-            _run_local(space, evaluator, model_space, chain, port=port, host=host)
-            _count_subprocess_rows(evaluator, first_trial, set(gate.rejected_trials))
+            rows = _SubprocessRows(evaluator, _next_trial(evaluator), gate.rejected_trials)
+            gate.before_admit = rows.flush
+            logs = _run_local(space, evaluator, model_space, chain, port=port, host=host)
+            rows.flush()
+            _count_failed_trials(evaluator, gate.admitted, len(rows.seen), logs)
     frame = evaluator.results.frame()
     return frame[(frame["trial"] >= first_trial) & (frame["engine"] == ENGINE)].reset_index(drop=True)
 
@@ -303,8 +410,8 @@ def _run_local(
     *,
     port: int,
     host: str,
-) -> None:
-    """Run through NNI's manager and local training service, listening on ``host`` only."""
+) -> Path:
+    """Run through NNI's manager and local training service, listening on ``host`` only; returns its log folder."""
     from nni.nas.experiment import NasExperiment, NasExperimentConfig
 
     nni_dir = (evaluator.results.run_dir / "nni").resolve()
@@ -312,8 +419,13 @@ def _run_local(
     job = nni_dir / "job.pkl"
     # Trials run in subprocesses: they load the space and evaluator (data included) from disk.
     # cloudpickle (an NNI dependency) because spaces may hold lambdas; plain pickle reads it back.
+    # Not the evaluator's on_record: a progress bar (a tqdm, a lambda over this process' state)
+    # does not load in another process, and every trial died in pickle.load. The rows the trials
+    # write are reported here instead (_SubprocessRows).
+    shipped = copy.copy(evaluator)
+    shipped.on_record = None
     with job.open("wb") as f:
-        cloudpickle.dump({"space": space, "evaluator": evaluator}, f)
+        cloudpickle.dump({"space": space, "evaluator": shipped}, f)
     config = NasExperimentConfig("ts", "simplified", "local")
     config.trial_concurrency = 1  # trial numbers come from the table: one writer at a time
     config.experiment_working_directory = str(nni_dir)
@@ -338,6 +450,7 @@ def _run_local(
     if outcome is False:
         raise DynasError(f"NNI experiment {experiment.id} ended in ERROR; see {log}.")
     logger.info("NNI experiment %s: logs and database under %s", experiment.id, log.parent)
+    return log.parent
 
 
 @contextlib.contextmanager
@@ -383,12 +496,33 @@ _STATE_COUNTERS: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def _count_subprocess_rows(evaluator: CandidateEvaluator, first_trial: int, counted: set[int]) -> None:
-    """Add the rows written by trial subprocesses to ``evaluator.counters`` (their copies are gone)."""
-    for row in evaluator.results.records():
-        if row["engine"] != ENGINE or row["trial"] < first_trial or row["trial"] in counted:
-            continue
-        evaluator.counters.proposed += 1
-        for name in _STATE_COUNTERS.get(row["state"], ()):
-            setattr(evaluator.counters, name, getattr(evaluator.counters, name) + 1)
+class _SubprocessRows:
+    """The rows written by local trial subprocesses: counted into ``evaluator.counters`` (their copies
+    of the evaluator are gone) and passed to ``evaluator.on_record`` (the progress bar) here."""
 
+    def __init__(self, evaluator: CandidateEvaluator, first_trial: int, written_here: Sequence[int]) -> None:
+        self.evaluator, self.first_trial, self.written_here = evaluator, first_trial, written_here
+        self.seen: set[int] = set()
+
+    def flush(self) -> None:
+        counters = self.evaluator.counters
+        for row in self.evaluator.results.records():
+            trial = row["trial"]
+            if row["engine"] != ENGINE or trial < self.first_trial or trial in self.seen or trial in self.written_here:
+                continue
+            self.seen.add(trial)
+            counters.proposed += 1
+            for name in _STATE_COUNTERS.get(row["state"], ()):
+                setattr(counters, name, getattr(counters, name) + 1)
+            if self.evaluator.on_record is not None:
+                self.evaluator.on_record(TrialRecord(**{k: row[k] for k in COLUMNS if k in row}))
+
+
+def _count_failed_trials(evaluator: CandidateEvaluator, admitted: int, written: int, logs: Path) -> None:
+    """Count the admitted samples whose trial process died before writing a row as failed."""
+    died = admitted - written
+    if died > 0:
+        evaluator.counters.proposed += died
+        evaluator.counters.failed += died
+        logger.warning("%d of %d NNI trials failed before writing a row; see their logs under %s",
+                       died, admitted, logs / "trials")

@@ -26,13 +26,20 @@ from dynas.budget import InfeasibleBudgetError, NoFeasibleSampleError, sample_wi
 from dynas.checks import check_int, check_name
 from dynas.engines.evaluate import MAX_REJECTIONS_PER_TRIAL, CandidateEvaluator
 from dynas.engines.samplers import OBJECTIVES, make_pruner, make_sampler, startup_trials
-from dynas.engines.storage import make_storage
+from dynas.engines.storage import make_storage, redact_url
 from dynas.errors import DynasError
 from dynas.spaces import SearchSpace
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_optuna_search"]
+
+try:
+    from sqlalchemy.exc import OperationalError as _DatabaseDown
+except ImportError:  # no sqlalchemy, so no database storage either
+    _STORAGE_ERRORS: tuple[type[BaseException], ...] = ()
+else:
+    _STORAGE_ERRORS = (_DatabaseDown,)
 
 
 class _Surplus(Exception):
@@ -83,6 +90,11 @@ def _run_trial(
         candidate, trial.number, "optuna", None if multi else prune, resume_key=retry_of, handle=trial, origin=origin
     )
     trial.set_user_attr("state", record.state)
+    # What optuna-dashboard and study.trials_dataframe() show beside the value, without dynas.
+    for key in ("params", "dynamic_blocks", "origin", "fidelity"):
+        trial.set_user_attr(key if key != "params" else "num_params", getattr(record, key))
+    if record.attention_entropy:
+        trial.set_user_attr("min_attention_entropy", float(min(record.attention_entropy.values())))
     if budget.max_latency_ms is not None and not math.isnan(record.latency_ms):
         trial.set_constraint("latency_ms", float(record.latency_ms - budget.max_latency_ms))
     if record.state == "pruned":
@@ -163,8 +175,9 @@ def run_optuna_search(
 
     Any number of workers may run this on the same storage at once. Rejected (over-budget)
     proposals are told to the sampler (worst value plus the violated constraint) but do not count
-    as trials: they cost no training. A run gives up after ``MAX_REJECTIONS_PER_TRIAL`` rejections
-    per requested trial.
+    as trials: they cost no training; a diverged candidate (NaN loss, told FAIL) was trained and
+    counts. A run gives up after ``MAX_REJECTIONS_PER_TRIAL`` rejections per requested trial. A
+    database that goes away mid-run is one :class:`DynasError` (a rerun continues).
     ``callbacks`` are called as ``callback(study, frozen_trial)`` after each trial. On
     KeyboardInterrupt (SIGINT; the CLI maps SIGTERM to it) the running trial is recorded as
     ``interrupted``, its parameters are queued again so a rerun continues it, and the interrupt
@@ -191,6 +204,9 @@ def run_optuna_search(
             storage=storage, study_name=study_name, load_if_exists=True, sampler=sampler, pruner=pruner,
             directions=list(OBJECTIVES[objective]),
         )
+        with warnings.catch_warnings():  # set_metric_names is experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["val_top1", "macs"][: len(OBJECTIVES[objective])])
     for params in enqueue:
         space.decode(params)
     _check_same_search(study, space, evaluator, objective)
@@ -202,26 +218,39 @@ def run_optuna_search(
         study.enqueue_trial(dict(params), user_attrs={"origin": "enqueued"}, skip_if_exists=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     startup = _FeasibleStartup(space, evaluator, startup_trials(sampler), seed)
-    while deadline is None or time.monotonic() < deadline:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # re-queues trials of dead workers
-        finished = _counted(study, (TrialState.COMPLETE, TrialState.PRUNED))
-        if len(finished) >= n_trials:
-            break
-        if evaluator.counters.rejected >= MAX_REJECTIONS_PER_TRIAL * n_trials:
-            logger.warning(
-                "stopping: %d proposals in a row of this run broke the budget; the sampler does "
-                "not find the feasible region (try a larger budget or the random sampler).",
-                evaluator.counters.rejected,
-            )
-            break
-        running = _counted(study, (TrialState.RUNNING, TrialState.WAITING))
-        if len(finished) + len(running) >= n_trials and not any(t.state == TrialState.WAITING for t in running):
-            time.sleep(poll_seconds)  # others are on the last trials; wait in case one dies
-            continue
-        startup.enqueue(study)
-        _ask_and_tell(study, space, evaluator, objective, n_trials, callbacks)
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # re-queues trials of dead workers
+            # A diverged candidate (NaN loss: told FAIL) was trained, so it counts as one of the
+            # trials; else a run whose every candidate diverged would train forever.
+            finished = _counted(study, (TrialState.COMPLETE, TrialState.PRUNED)) + [
+                t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("state") == "failed"
+            ]
+            if len(finished) >= n_trials:
+                break
+            if evaluator.counters.rejected >= MAX_REJECTIONS_PER_TRIAL * n_trials:
+                logger.warning(
+                    "stopping: %d proposals in a row of this run broke the budget; the sampler does "
+                    "not find the feasible region (try a larger budget or the random sampler).",
+                    evaluator.counters.rejected,
+                )
+                break
+            running = _counted(study, (TrialState.RUNNING, TrialState.WAITING))
+            if len(finished) + len(running) >= n_trials and not any(t.state == TrialState.WAITING for t in running):
+                time.sleep(poll_seconds)  # others are on the last trials; wait in case one dies
+                continue
+            startup.enqueue(study)
+            _ask_and_tell(study, space, evaluator, objective, n_trials, callbacks)
+    except _STORAGE_ERRORS as err:  # a database gone mid-run: every finished trial is in the table already
+        url = getattr(storage, "url", None)
+        where = f"storage {redact_url(url)!r}" if url else "the storage"
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise DynasError(
+            f"lost {where} mid-run ({first}); the results table is up to date: rerun the same command "
+            f"once the database is back to continue."
+        ) from None
     return study
 
 

@@ -24,14 +24,16 @@ from dynas.checks import check_int
 from dynas.config import load_run_data, read_run_config, train_config
 from dynas.errors import DynasError
 from dynas.export.card import model_card
-from dynas.export.formats import export_onnx, export_torchscript
+from dynas.export.formats import export_onnx, export_torchscript, onnx_latency_ms
 from dynas.export.selection import checkpoint_path, rows_for
 from dynas.models import load_model, save_model
 from dynas.results import load_results
 from dynas.spec import ArchSpec
 from dynas.temperature import current_temperature
 
-__all__ = ["ExportedModel", "export_run"]
+__all__ = ["ONNX_MISSING", "ExportedModel", "export_run"]
+
+ONNX_MISSING = "ONNX export needs the onnx package: pip install 'dynas[export]', then export again"
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,23 @@ def export_run(
             checkpoint_path(run_dir, row)
     else:
         _check_retrain(retrain_epochs, settings, run_dir)
-    data = load_run_data(settings, full_train=retrain_epochs is not None) if settings.get("dataset") else None
+    data = _run_data(run_dir, settings, full_train=retrain_epochs is not None)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
 
     def export(row: dict, folder: Path) -> ExportedModel:
         return _export_one(run_dir, folder, row, settings, data, retrain_epochs, latency)
 
     return _write_all(out_dir, rows, export)
+
+
+def _run_data(run_dir: Path, settings: dict, full_train: bool) -> Any:
+    """The run's data as its config.yaml names it (None without one); a bad record names the file."""
+    if not settings.get("dataset"):
+        return None
+    try:
+        return load_run_data(settings, full_train=full_train)
+    except DynasError as err:
+        raise DynasError(f"config file {str(run_dir / 'config.yaml')!r}: {err}") from None
 
 
 def _write_all(out_dir: Path, rows: list[dict], export: Callable[[dict, Path], ExportedModel]) -> list[ExportedModel]:
@@ -120,6 +132,10 @@ def _check_retrain(epochs: Any, settings: dict, run_dir: Path) -> None:
     check_int("retrain_epochs", epochs, 1)
     if not settings.get("dataset"):
         raise DynasError(f"cannot retrain: run {str(run_dir)!r} has no config.yaml naming its dataset.")
+    try:
+        train_config(settings, epochs=epochs, quiet=True)  # the run's recipe, checked before anything is written
+    except DynasError as err:
+        raise DynasError(f"config file {str(run_dir / 'config.yaml')!r}: {err}") from None
 
 
 def _export_one(
@@ -130,7 +146,7 @@ def _export_one(
     if retrain_epochs:
         model, temperature = _retrain(arch, row, settings, data, retrain_epochs)
     else:
-        model = load_model(checkpoint_path(run_dir, row))
+        model = _kept_model(run_dir, row, arch)
         temperature = current_temperature(model)
     test_top1 = _test_top1(model, data)
     (folder / "arch.json").write_text(json.dumps(_arch_payload(arch), indent=2), encoding="utf-8")
@@ -138,14 +154,39 @@ def _export_one(
     example = torch.randn(1, arch.in_channels, arch.input_size, arch.input_size)
     name = f"trial {int(row['trial'])}"
     export_torchscript(model, folder / "model.ts", example, name=name)
-    diff = export_onnx(model, folder / "model.onnx", example, name=name)
+    onnx = _have_onnx()
+    diff = export_onnx(model, folder / "model.onnx", example, name=name) if onnx else math.nan
     ms = _latency(model, arch) if latency else math.nan
+    onnx_ms = onnx_latency_ms(folder / "model.onnx", example) if latency and not math.isnan(diff) else math.nan
     card = model_card(
         arch, row, settings, data, temperature=temperature, test_top1=test_top1, latency_ms=ms,
-        onnx_diff=diff, retrain_epochs=retrain_epochs, name=folder.name,
+        onnx_latency_ms=onnx_ms, onnx_diff=diff, retrain_epochs=retrain_epochs, name=folder.name,
     )
+    if not onnx:
+        card += f"\nmodel.onnx was not written: {ONNX_MISSING}.\n"
     (folder / "card.md").write_text(card, encoding="utf-8")
     return ExportedModel(int(row["trial"]), folder, diff)
+
+
+def _have_onnx() -> bool:
+    """Whether torch.onnx can export here (it needs the onnx package); without it the rest is exported."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kept_model(run_dir: Path, row: dict, arch: ArchSpec) -> nn.Module:
+    """The trial's kept weights, refused when the file holds another architecture's (a swapped or stray file)."""
+    path = checkpoint_path(run_dir, row)
+    model = load_model(path)
+    if model.arch != arch:
+        raise DynasError(
+            f"checkpoint {str(path)!r} holds the weights of {model.arch.to_str()!r}, not of trial "
+            f"{int(row['trial'])}'s {arch.to_str()!r}; the run folder is damaged (export with --retrain-epochs N)."
+        )
+    return model
 
 
 def _arch_payload(arch: ArchSpec) -> dict:
@@ -174,6 +215,7 @@ def _retrain(arch: ArchSpec, row: dict, settings: dict, data: Any, epochs: int) 
     config = train_config(
         settings, epochs=epochs, seed=settings.get("seed", 0) + int(row["trial"]), quiet=True, **schedule
     )
+    torch.manual_seed(config.seed)  # the initial weights, as the search's trial drew them
     model = build_model(arch)
     result = train_candidate(model, data, config)
     return model.cpu().eval(), result.tau_end
