@@ -129,10 +129,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = _checked_train_config(args, quiet=True)  # candidates train quietly: the trial bar shows progress
     if args.evaluator == "supernet":
         _check_supernet_file(args.supernet)
-    run_dir = _prepare_run_dir(args.run_dir)
     data = load_run_data(vars(args))
     _check_fits(args, data)
     objective = _supernet_objective(args, data) if args.evaluator == "supernet" else None
+    run_dir = _prepare_run_dir(args.run_dir)  # after every check: a refused run creates no folder
     progress: _TrialProgress | None = None
 
     def ready() -> None:  # everything checked, the study open: now the run's record is written
