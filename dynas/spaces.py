@@ -28,7 +28,7 @@ Adding a space takes one file: subclass :class:`SearchSpace` and register it::
             block = BlockSpec(params["kernel"], 6, 32, 2, num_kernels=params.get("num_kernels", 1))
             arch = ArchSpec(16, (StageSpec((block,)),), 128, stem_stride=1,
                             num_classes=self.num_classes, input_size=self.input_size)
-            return Candidate(arch, tau_start=30.0, anneal_fraction=0.1, params=params)
+            return Candidate(arch, tau_start=30.0, anneal_fraction=0.5, params=params)
 
 Choices must be listed so that every label in a ``depends_on`` comes before the choice itself:
 :meth:`SearchSpace.suggest` asks them in that order.

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from dynas.budget import Budget, ensure_feasible
-from dynas.checks import check_int, check_name
+from dynas.checks import MAX_SEED, check_int, check_name
 from dynas.errors import DynasError
 from dynas.results import ResultsTable, TrialRecord
 from dynas.spaces import Candidate, SearchSpace, get_space
@@ -153,6 +153,7 @@ def search(
     check_name("engine", engine, ENGINES)
     check_int("n_trials", n_trials, 1)
     check_int("keep_weights", keep_weights, 0)
+    check_int("seed", seed, 0, MAX_SEED)
     if objective is None and data is None:
         raise DynasError("a search needs `data` (e.g. dynas.load_data('digits')) for the built-in trainer, or an `objective`.")
     if objective is not None and not callable(objective):

@@ -65,7 +65,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     tau_start: float = 30.0  # near-uniform attention so that all K kernels get gradient early
     tau_end: float = 1.0
-    anneal_fraction: float = 0.1  # tau reaches tau_end after this share of all steps (proxy runs)
+    # tau reaches tau_end after this share of all steps. Half the run: at 0.1 a 4-epoch proxy of a
+    # K=4 network on digits reached 52% val top-1 (3 seeds) against 85% at 0.5 and 87% static.
+    anneal_fraction: float = 0.5
     anneal_epochs: float | None = None  # the paper's 10 epochs for full runs; wins over the fraction
     schedule: TemperatureSchedule | None = None  # any step -> tau callable; replaces the two above
     augment: bool = True  # the dataset's random crop (and flip, where it keeps the class)

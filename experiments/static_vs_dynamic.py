@@ -1,30 +1,39 @@
-"""Static vs dynamic convolution (K = 4) at nearly equal MACs on CIFAR-10, in one command.
+"""Static convolution against the dynamic operators at nearly equal MACs on CIFAR-10, in one command.
 
-Both networks are MobileNetV2 in its CIFAR form (stem stride 1, first stride-2 block at stride 1).
-The static one has width ``--width``; the dynamic one (K kernels in both 1x1 convs of every block
-and in the head conv, as in the paper's DY-MobileNetV2) gets the width whose closed-form MACs come
-closest to the static network's, so the comparison is at equal cost, not equal width. Both are
-trained with the same recipe, seed and budget; tau anneals from ``--tau-start`` to 1 (the static
-network has no dynamic layer, so tau does not touch it). The test split is used once, at the end.
+Every network is MobileNetV2 in its CIFAR form (stem stride 1, first stride-2 block at stride 1),
+in the operator forms of the presets (:mod:`dynas.presets`):
+
+* ``static``: width ``--width``, plain convolutions;
+* ``dy``: DY-conv with ``--num-kernels`` kernels in both 1x1 convs of every block and the head;
+* ``od1`` / ``od4``: ODConv with 1 or 4 kernels in all three convs of every block and the head;
+* ``dcd``: DCD in both 1x1 convs of every block but the first.
+
+Each dynamic network gets the width whose closed-form MACs come closest to the static
+network's, so operators are compared at equal cost, not equal width. All are trained with the
+same recipe and the same seeds (``--seeds``: initialisation, order and augmentation; the
+train/val split stays the one of ``--seed``); tau anneals from ``--tau-start`` to 1 in the
+operators that have one. The test split is used once per network, at the end.
 
     python ../shared/data/cifar10/to_batches.py ../shared/data/cifar10/cifar10_full_jpegq75_pack.npz ~/.cache/cifar/full
     python experiments/static_vs_dynamic.py --data-root ~/.cache/cifar/full --epochs 10
 
-The README's numbers (a short, fixed CPU budget: 10k training images, 4 epochs, about 13 minutes)::
+The README's table (a short, fixed CPU budget)::
 
     python experiments/static_vs_dynamic.py --data-root ~/.cache/cifar/full --width 0.35 \
-        --epochs 4 --train-subset 10000 --num-threads 1
+        --epochs 4 --train-subset 5000 --ops static,dy,od1,od4,dcd --seeds 0,1 --num-threads 1
 
 The shared CIFAR-10 pack is JPEG (q75): absolute accuracies sit 1-2.5 points below exact pixels;
-the static / dynamic comparison holds. Results (and the resolved settings) go to ``--out``.
+the comparison holds. Results (and the resolved settings) go to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +43,48 @@ from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
 from dynas.cost import closed_form_macs, closed_form_params
 from dynas.data import DATASETS, BatchLoader, DataBundle, load_data
-from dynas.presets import cifar_variant, mobilenet_v2
+from dynas.presets import cifar_variant, dcd_mobilenet_v2, mobilenet_v2
 from dynas.spec import ArchSpec
 from dynas.training import TrainConfig, evaluate, train_candidate
 
-__all__ = ["build_parser", "main", "matched_pair", "train_and_test"]
+__all__ = ["OPERATORS", "build_parser", "main", "matched_archs", "matched_pair", "train_and_test"]
 
-_WIDTH_GRID = [round(0.1 + 0.01 * i, 2) for i in range(191)]  # 0.10 .. 2.00, the dynamic width search
+_WIDTH_GRID = [round(0.1 + 0.01 * i, 2) for i in range(191)]  # 0.10 .. 2.00, the matched-width search
+_TRAIN = TrainConfig()
+
+
+def _operator(name: str, num_kernels: int) -> Callable[[float], ArchSpec]:
+    """The MobileNetV2 of operator ``name`` as a function of the width (224x224 ImageNet form)."""
+    if name == "static":
+        return lambda w: mobilenet_v2(w, num_kernels=1)
+    if name == "dy":
+        return lambda w: mobilenet_v2(w, num_kernels=num_kernels)
+    if name in ("od1", "od4"):
+        return lambda w: mobilenet_v2(w, op="od", num_kernels=int(name[2]), dynamic_convs="all")
+    # DCD's attention squeeze: 8 at x0.5 and below (the official training default), 16 above.
+    return lambda w: dcd_mobilenet_v2(w, dcd_reduction=8 if w <= 0.5 else 16)
+
+
+#: The operators ``--ops`` takes, in table order.
+OPERATORS = ("static", "dy", "od1", "od4", "dcd")
+
+
+def _ops(text: str) -> list[str]:
+    ops = [op.strip() for op in text.split(",") if op.strip()]
+    bad = [op for op in ops if op not in OPERATORS]
+    if not ops or bad or len(set(ops)) != len(ops):
+        raise argparse.ArgumentTypeError(f"must be distinct names from {', '.join(OPERATORS)}, but got {text!r}")
+    return ops
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, but got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct, but got {text!r}")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,27 +94,60 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
     data.add_argument("--data-root", default=None, help="cifar-10-batches-py or its parent")
+    data.add_argument("--input-size", type=int, default=None, help="resize images to this square size (default: native)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train for validation")
     data.add_argument("--train-subset", type=float, default=None, help="a count (>= 1) or a fraction of train")
     models = parser.add_argument_group("models")
+    models.add_argument("--ops", type=_ops, default=["static", "dy"], help=f"comma-separated, from {', '.join(OPERATORS)}")
     models.add_argument("--width", type=float, default=0.5, help="width multiplier of the static MobileNetV2")
-    models.add_argument("--num-kernels", type=int, default=4, help="K of the dynamic network")
-    models.add_argument("--dynamic-width", type=float, default=None, help="default: matched to the static MACs")
-    train = parser.add_argument_group("training (the same for both)")
+    models.add_argument("--num-kernels", type=int, default=4, help="K of the DY-conv network")
+    models.add_argument("--dynamic-width", type=float, default=None, help="DY-conv's width (default: matched MACs)")
+    train = parser.add_argument_group("training (the same for all)")
     train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated training seeds, e.g. 0,1")
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=0.05, help="peak; 0.1 collapsed the attention in short runs")
     train.add_argument("--weight-decay", type=float, default=4e-5)
     train.add_argument("--tau-start", type=float, default=30.0)
-    train.add_argument("--anneal-fraction", type=float, default=0.1, help="share of steps annealing tau to 1")
+    train.add_argument("--anneal-fraction", type=float, default=_TRAIN.anneal_fraction, help="share of steps annealing tau to 1")
     train.add_argument("--anneal-epochs", type=float, default=None, help="anneal over epochs instead (paper: 10)")
     train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
     train.add_argument("--device", default="auto")
     train.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="the train/val split")
     train.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", default="runs/static_vs_dynamic", help="folder for results.json and config.yaml")
     return parser
+
+
+def matched_archs(
+    width: float,
+    ops: Sequence[str] = ("static", "dy"),
+    num_kernels: int = 4,
+    dynamic_width: float | None = None,
+    num_classes: int = 10,
+    input_size: int = 32,
+) -> dict[str, ArchSpec]:
+    """CIFAR MobileNetV2 specs per operator; each dynamic one at the width closest to the static MACs.
+
+    The static network (width ``width``) sets the target even when ``"static"`` is not in ``ops``;
+    ``dynamic_width`` fixes DY-conv's width instead of matching it.
+    """
+
+    def spec(op: str, w: float) -> ArchSpec:
+        return cifar_variant(_operator(op, num_kernels)(w), num_classes=num_classes, input_size=input_size)
+
+    target = closed_form_macs(spec("static", width))
+    archs = {}
+    for op in ops:
+        if op == "static":
+            archs[op] = spec(op, width)
+        elif op == "dy" and dynamic_width is not None:
+            archs[op] = spec(op, dynamic_width)
+        else:
+            best = min(_WIDTH_GRID, key=lambda w: abs(closed_form_macs(spec(op, w)) - target))
+            archs[op] = spec(op, best)
+    return archs
 
 
 def matched_pair(
@@ -80,27 +157,21 @@ def matched_pair(
     num_classes: int = 10,
     input_size: int = 32,
 ) -> tuple[ArchSpec, ArchSpec]:
-    """(static, dynamic) CIFAR MobileNetV2 specs; the dynamic width matches the static MACs if not given."""
-
-    def spec(w: float, k: int) -> ArchSpec:
-        return cifar_variant(mobilenet_v2(w, num_kernels=k), num_classes=num_classes, input_size=input_size)
-
-    static = spec(width, 1)
-    if dynamic_width is None:
-        target = closed_form_macs(static)
-        dynamic_width = min(_WIDTH_GRID, key=lambda w: abs(closed_form_macs(spec(w, num_kernels)) - target))
-    return static, spec(dynamic_width, num_kernels)
+    """(static, DY-conv) CIFAR MobileNetV2 specs; the dynamic width matches the static MACs if not given."""
+    archs = matched_archs(width, ("static", "dy"), num_kernels, dynamic_width, num_classes, input_size)
+    return archs["static"], archs["dy"]
 
 
 def train_and_test(arch: ArchSpec, data: DataBundle, config: TrainConfig) -> dict[str, Any]:
     """Build ``arch`` (seeded), train it, and report its cost, accuracy and speed."""
-    torch.manual_seed(config.seed)  # the same init stream for both networks
+    torch.manual_seed(config.seed)  # the same init stream for every network
     model = build_model(arch)
     result = train_candidate(model, data, config)
     return {
         "arch": arch.to_str(),
         "macs": closed_form_macs(arch),
         "params": closed_form_params(arch),
+        "seed": config.seed,
         "test_top1": evaluate(model, data, "test", device=config.device),
         "best_val_top1": result.best_val_top1,
         "val_top1_history": result.val_top1,
@@ -113,24 +184,39 @@ def train_and_test(arch: ArchSpec, data: DataBundle, config: TrainConfig) -> dic
     }
 
 
-def _summary(static: dict[str, Any], dynamic: dict[str, Any], tau: str) -> str:
-    rows = [("", "static", "dynamic")]
-    rows += [
-        ("MACs", f"{static['macs'] / 1e6:.2f}M", f"{dynamic['macs'] / 1e6:.2f}M"),
-        ("params", f"{static['params'] / 1e6:.2f}M", f"{dynamic['params'] / 1e6:.2f}M"),
-        ("test top-1 (%)", f"{static['test_top1']:.2f}", f"{dynamic['test_top1']:.2f}"),
-        ("best val top-1 (%)", f"{static['best_val_top1']:.2f}", f"{dynamic['best_val_top1']:.2f}"),
-        ("seconds / epoch", f"{static['seconds_per_epoch']:.1f}", f"{dynamic['seconds_per_epoch']:.1f}"),
+def _summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One operator's seeds: mean and spread (max - min) of test top-1, its cost and speed."""
+    tops = [r["test_top1"] for r in runs]
+    return {
+        "arch": runs[0]["arch"],
+        "macs": runs[0]["macs"],
+        "params": runs[0]["params"],
+        "seeds": [r["seed"] for r in runs],
+        "test_top1": tops,
+        "test_top1_mean": statistics.fmean(tops),
+        "test_top1_spread": max(tops) - min(tops),
+        "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
+        "device": runs[0]["device"],
+    }
+
+
+def _table(summary: dict[str, dict[str, Any]], tau: str) -> str:
+    ref = summary.get("static") or next(iter(summary.values()))
+    lines = [
+        f"{'operator':<10}{'MACs':>9}{'params':>9}{'test top-1 (%)':>26}{'s/epoch':>9}{'x static':>9}",
     ]
-    lines = [f"{a:<20}{b:>12}{c:>12}" for a, b, c in rows]
-    ratio = dynamic["seconds_per_epoch"] / static["seconds_per_epoch"]
+    for op, row in summary.items():
+        seeds = ", ".join(f"{t:.2f}" for t in row["test_top1"])
+        top = f"{row['test_top1_mean']:.2f} ± {row['test_top1_spread'] / 2:.2f} ({seeds})"
+        lines.append(
+            f"{op:<10}{row['macs'] / 1e6:>8.2f}M{row['params'] / 1e6:>8.2f}M{top:>26}"
+            f"{row['seconds_per_epoch']:>9.1f}{row['seconds_per_epoch'] / ref['seconds_per_epoch']:>9.2f}"
+        )
     lines += [
-        f"MACs ratio dynamic / static: {dynamic['macs'] / static['macs']:.3f}; "
-        f"time per epoch ratio: {ratio:.2f} (on {static['device']})",
-        f"tau: {tau}",
-        f"static:  {static['arch']}",
-        f"dynamic: {dynamic['arch']}",
+        "test top-1: mean ± half the spread over seeds (each seed's value in brackets); MACs matched to static",
+        f"tau: {tau}; on {ref['device']}",
     ]
+    lines += [f"{op}: {row['arch']}" for op, row in summary.items()]
     return "\n".join(lines)
 
 
@@ -153,14 +239,21 @@ def _tau_text(config: TrainConfig, data: DataBundle) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train both networks, print the comparison and write ``results.json``."""
+    """Train every operator's network for every seed, print the table and write ``results.json``.
+
+    Each finished network is added to ``results.json`` at once, and a rerun with the same ``--out``
+    skips the (operator, seed) pairs already there.
+    """
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         apply_config(parser, pre.config)
     args = parser.parse_args(argv)
     subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
-    data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset, seed=args.seed)
+    data = load_data(
+        args.dataset, args.data_root, input_size=args.input_size, val_fraction=args.val_fraction,
+        train_subset=subset, seed=args.seed,
+    )
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -171,23 +264,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         anneal_epochs=args.anneal_epochs,
         max_steps_per_epoch=args.max_steps_per_epoch,
         device=args.device,
-        seed=args.seed,
+        seed=args.seeds[0],
         num_threads=args.num_threads,
         quiet=args.quiet,
     )
-    static_arch, dynamic_arch = matched_pair(
-        args.width, args.num_kernels, args.dynamic_width, data.num_classes, data.input_size
-    )
+    archs = matched_archs(args.width, args.ops, args.num_kernels, args.dynamic_width, data.num_classes, data.input_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(args, out / "config.yaml")
-    static = train_and_test(static_arch, data, config)
-    dynamic = train_and_test(dynamic_arch, data, config)
+    path = out / "results.json"
     tau = _tau_text(config, data)
-    results = {"static": static, "dynamic": dynamic, "tau": tau, "data": repr(data)}
-    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print(_summary(static, dynamic, tau))
-    print(f"results: {out / 'results.json'}")
+    done = json.loads(path.read_text(encoding="utf-8")).get("runs", []) if path.is_file() else []
+    runs = [r for r in done if r.get("op") in archs and r.get("arch") == archs[r["op"]].to_str()]
+    for seed in args.seeds:
+        for op, arch in archs.items():
+            if any(r["op"] == op and r["seed"] == seed for r in runs):
+                continue
+            runs.append({"op": op, **train_and_test(arch, data, dataclasses.replace(config, seed=seed))})
+            summary = {
+                o: _summarise([r for r in runs if r["op"] == o]) for o in archs if any(r["op"] == o for r in runs)
+            }
+            results = {"summary": summary, "runs": runs, "tau": tau, "data": repr(data)}
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
+            tmp.replace(path)
+    summary = {o: _summarise([r for r in runs if r["op"] == o and r["seed"] in args.seeds]) for o in archs}
+    print(_table(summary, tau))
+    print(f"results: {path}")
     return 0
 
 

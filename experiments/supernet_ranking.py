@@ -53,6 +53,7 @@ from dynas.data import DATASETS, DataBundle, load_data
 from dynas.errors import DynasError
 from dynas.spec import ArchSpec
 from dynas.supernet import Supernet, SupernetTrainConfig, score_subnet, train_supernet
+from dynas.supernet.train import SUPERNET_ANNEAL_FRACTION
 from dynas.training import TrainConfig, train_candidate
 from search_spaces.mobile import MobileCifarSpace
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=0.05)
     train.add_argument("--weight-decay", type=float, default=4e-5)
     train.add_argument("--tau-start", type=float, default=30.0)
-    train.add_argument("--anneal-fraction", type=float, default=0.1, help="share of steps annealing tau to 1")
+    train.add_argument("--anneal-fraction", type=float, default=SUPERNET_ANNEAL_FRACTION, help="share of steps annealing tau to 1")
     train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
     train.add_argument("--device", default="auto")
     train.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")

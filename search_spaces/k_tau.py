@@ -40,7 +40,7 @@ class KTauSpace(SearchSpace):
             Choice("num_kernels", (1, 2, 4, 6, 8)),
             Choice("dynamic_convs", ("pw", "all"), depends_on=("num_kernels",)),
             Choice("tau_start", (1.0, 10.0, 30.0, 50.0), depends_on=("num_kernels",)),
-            Choice("anneal_fraction", (0.05, 0.1, 0.2, 0.3), depends_on=("num_kernels",)),
+            Choice("anneal_fraction", (0.1, 0.25, 0.5, 1.0), depends_on=("num_kernels",)),
         ]
 
     def is_active(self, choice: Choice, params: Mapping[str, Any]) -> bool:
@@ -53,7 +53,7 @@ class KTauSpace(SearchSpace):
 
     def largest(self) -> ArchSpec:
         # "all" (depthwise too) costs more than "pw", which max() of the strings would not pick.
-        params = {"num_kernels": 8, "dynamic_convs": "all", "tau_start": 1.0, "anneal_fraction": 0.05}
+        params = {"num_kernels": 8, "dynamic_convs": "all", "tau_start": 1.0, "anneal_fraction": 0.1}
         return self.make_candidate(params).arch
 
     def make_candidate(self, params: Mapping[str, Any]) -> Candidate:
@@ -69,6 +69,6 @@ class KTauSpace(SearchSpace):
         return Candidate(
             arch,
             tau_start=params.get("tau_start", 30.0),
-            anneal_fraction=params.get("anneal_fraction", 0.1),
+            anneal_fraction=params.get("anneal_fraction", 0.5),
             params=params,
         )

@@ -65,9 +65,9 @@ class MobileSpace(SearchSpace):
     kernel_sizes: ClassVar[tuple[int, ...]] = (3, 5, 7)
     num_kernels: ClassVar[tuple[int, ...]] = (2, 4, 6, 8)
     tau_starts: ClassVar[tuple[float, ...]] = (10.0, 30.0, 50.0)
-    anneal_fractions: ClassVar[tuple[float, ...]] = (0.05, 0.1, 0.2)
+    anneal_fractions: ClassVar[tuple[float, ...]] = (0.25, 0.5, 1.0)
     default_tau_start: ClassVar[float] = 30.0  # used when no block is dynamic
-    default_anneal_fraction: ClassVar[float] = 0.1
+    default_anneal_fraction: ClassVar[float] = 0.5
 
     def __init__(self, input_size: int | None = None, num_classes: int | None = None, in_channels: int = 3) -> None:
         self.input_size = self.default_input_size if input_size is None else input_size

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 
 from dynas.cost import closed_form_macs, closed_form_params
@@ -56,12 +57,52 @@ def test_static_vs_dynamic_runs_and_writes_results(cifar10_mini, tmp_path, capsy
     argv = ["--data-root", str(cifar10_mini), "--width", "0.35", "--epochs", "1", "--max-steps-per-epoch", "2",
             "--batch-size", "32", "--num-threads", "1", "--quiet", "--out", str(tmp_path)]
     assert _script("static_vs_dynamic").main(argv) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    static, dynamic = results["static"], results["dynamic"]
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    static, dynamic = summary["static"], summary["dy"]
     assert dynamic["params"] > 2 * static["params"] and dynamic["macs"] == pytest.approx(static["macs"], rel=0.05)
-    assert not static["attention_entropy"] and dynamic["attention_entropy"]
-    assert 0 <= dynamic["test_top1"] <= 100
-    assert "time per epoch ratio" in capsys.readouterr().out
+    assert all(0 <= t <= 100 for t in static["test_top1"] + dynamic["test_top1"]) and static["seeds"] == [0]
+    assert "x static" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("width", [0.35, 0.5])
+def test_every_operator_is_matched_to_the_static_macs(width):
+    archs = _script("static_vs_dynamic").matched_archs(width, ("static", "dy", "od1", "od4", "dcd"))
+    target = closed_form_macs(archs["static"])
+    assert {b.op for b in archs["od4"].blocks} == {"od"} and {b.num_kernels for b in archs["od4"].blocks} == {4}
+    assert {b.op for b in archs["dcd"].blocks[1:]} == {"dcd"}
+    for op, arch in archs.items():  # the nearest width the channel rounding (multiples of 8) allows
+        assert closed_form_macs(arch) == pytest.approx(target, rel=0.1), op
+
+
+def test_operator_comparison_resumes_seed_by_seed(tmp_path, capsys):
+    script = _script("static_vs_dynamic")
+    argv = ["--dataset", "digits", "--input-size", "16", "--width", "0.35", "--ops", "static,od1", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--batch-size", "16", "--num-threads", "1", "--quiet", "--out", str(tmp_path)]
+    assert script.main([*argv, "--seeds", "0"]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert script.main([*argv, "--seeds", "0,1"]) == 0  # seed 0 is read back, only seed 1 trains
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["runs"][:2] == first and [(r["op"], r["seed"]) for r in results["runs"][2:]] == [("static", 1), ("od1", 1)]
+    assert results["summary"]["od1"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit):
+        script.main([*argv, "--ops", "static,odd"])
+    assert "must be distinct names from static, dy, od1, od4, dcd" in capsys.readouterr().err
+
+
+def test_search_vs_baselines_retrains_searched_and_baselines(tmp_path, capsys):
+    script = _script("search_vs_baselines")
+    argv = ["--dataset", "digits", "--input-size", "16", "--max-macs", "1.5M", "--trials", "3", "--proxy-epochs", "1",
+            "--retrain-epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "16", "--seeds", "0,1",
+            "--num-threads", "1", "--quiet", "--out", str(tmp_path)]
+    assert script.main(argv) == 0
+    table = pd.read_csv(tmp_path / "retrain.csv")
+    assert {"baseline-static", "baseline-dynamic", "searched", "random-best"} <= set(table["role"])
+    assert table["arch"].is_unique and (tmp_path / "retrain.png").stat().st_size > 0
+    runs = (tmp_path / "retrain.jsonl").read_text().splitlines()
+    assert len(runs) == 2 * len(table)  # every pick, every seed
+    assert script.main(argv) == 0  # a rerun resumes: nothing retrained again
+    assert (tmp_path / "retrain.jsonl").read_text().splitlines() == runs
+    assert "| baseline-static" in capsys.readouterr().out
 
 
 def test_odconv_presets_match_the_official_readme():

@@ -86,9 +86,13 @@ def test_tpe_search_never_trains_over_budget_and_resumes(tmp_path, data, space, 
     assert len(built) == evaluator.counters.trained + again.counters.trained + again.counters.failed
     assert again.counters.rejected == len(rejected)
     assert len(study.trials) == len(table)
-    # the sampler was told about violations
+    # the sampler was told about violations; a rejection is PRUNED without a value, not a 0
+    assert rejected.size  # TPE's own proposals broke the budget at least once
     for t in study.trials:
         assert (t.system_attrs["constraints:macs"] > 0) == (t.user_attrs["state"] == "rejected")
+        if t.user_attrs["state"] == "rejected":
+            assert t.state == TrialState.PRUNED and t.value is None and not t.intermediate_values
+    assert study.best_trial.user_attrs["state"] == "complete"
 
 
 def test_nsga2_multi_objective_pareto(tmp_path, data, space, median_macs, built):
@@ -122,6 +126,18 @@ def test_refuses_to_mix_budgets_in_one_study(tmp_path, data, space, median_macs)
     _run(_evaluator(tmp_path, data, median_macs), space, tmp_path, 1, pruner="none")
     with pytest.raises(DynasError, match=r"was created with budget .* refusing to mix"):
         _run(_evaluator(tmp_path, data, median_macs + 1), space, tmp_path, 2, pruner="none")
+
+
+def test_refuses_a_study_asked_with_other_choice_values(tmp_path, data, space, median_macs, built):
+    # A study whose trials asked anneal_fraction from the values of an older dynas: Optuna would
+    # raise mid-trial on the first suggest; the run is refused before any training instead.
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    old = optuna.distributions.CategoricalDistribution((0.05, 0.1, 0.2))
+    study.tell(study.ask({"anneal_fraction": old}), 50.0)
+    with pytest.raises(DynasError, match=r"searched with anneal_fraction in \(0\.05, 0\.1, 0\.2\), but space 'mobile_cifar' now offers \(0\.25, 0\.5, 1\.0\)"):
+        _run(_evaluator(tmp_path, data, median_macs), space, tmp_path, 2, pruner="none")
+    assert built == [] and len(study.get_trials()) == 1
 
 
 @pytest.mark.parametrize(

@@ -122,7 +122,7 @@ def test_suggest_asks_k_only_for_dynamic_blocks():
     assert not any(label.endswith("_num_kernels") for label in trial.asked)
     assert "tau_start" not in trial.asked and "anneal_fraction" not in trial.asked
     assert "s1_b2_kernel" not in trial.asked  # beyond the chosen depth
-    assert (candidate.tau_start, candidate.anneal_fraction) == (30.0, 0.1)  # the defaults
+    assert (candidate.tau_start, candidate.anneal_fraction) == (30.0, 0.5)  # the defaults
 
     trial = FakeTrial({"s1_depth": 1, "s2_b1_dynamic": True, "s2_b1_num_kernels": 6, "tau_start": 50.0})
     candidate = space.suggest(trial)
@@ -158,7 +158,7 @@ def test_is_active_follows_depth_and_dynamic():
 def test_decode_canonicalises_values():
     space = get_space("mobile_cifar")
     params = _all_static(space)
-    params.update(s2_b1_dynamic=True, s2_b1_num_kernels=4, tau_start=10, anneal_fraction=0.2)
+    params.update(s2_b1_dynamic=True, s2_b1_num_kernels=4, tau_start=10, anneal_fraction=1)
     candidate = space.decode(params)
     assert candidate.tau_start == 10.0 and isinstance(candidate.params["tau_start"], float)
 

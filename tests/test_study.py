@@ -79,6 +79,7 @@ def test_nni_engine_with_an_objective(space, tmp_path):
         ({"enqueue": [{"width": 3.0}]}, DynasError, r"`width` must be one of"),
         ({"objective": None}, DynasError, r"a search needs `data`"),
         ({"objective": "f"}, TypeError, r"`objective` must be callable"),
+        ({"seed": 2**32}, DynasError, r"`seed` must be an integer in 0\.\.4294967295, but got seed=4294967296"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(space, tmp_path, kwargs, error, match):

@@ -14,6 +14,7 @@ from dynas import __version__
 from dynas.checks import MAX_SEED, brief, check_host
 from dynas.cost import parse_count
 from dynas.errors import DynasError
+from dynas.supernet.train import SUPERNET_ANNEAL_FRACTION
 from dynas.training import TrainConfig
 
 __all__ = ["ENGINES", "build_parser"]
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     supernet.add_argument("--val-calib-images", type=_non_negative_int, default=1000, help="BN recalibration images for the per-epoch validation (0: none)")
     _add_data_args(supernet)
     _add_train_args(supernet)
+    supernet.set_defaults(anneal_fraction=SUPERNET_ANNEAL_FRACTION)  # tau annealed over the whole run
 
     train = sub.add_parser("train", formatter_class=_Formatter, help="(re)train one architecture from its spec")
     train.add_argument("--config", help="YAML file of defaults (flags override it); a run's config.yaml works")

@@ -101,9 +101,24 @@ def _run_trial(
         return TrialState.PRUNED, None
     if record.state == "failed":
         return TrialState.FAIL, None
-    # A rejected candidate was never trained: worst accuracy; the constraint tells the sampler why.
+    if record.state == "rejected" and _models_pruned_constraints(study.sampler):
+        # Never trained, so no value: PRUNED (no intermediate values) with its constraint set.
+        # TPE splits off infeasible trials by their constraint before it looks at the state, so
+        # its constraint handling is what it is for a COMPLETE trial, and optuna-dashboard,
+        # best_trial and trials_dataframe() do not show a 0 that was never measured.
+        return TrialState.PRUNED, None
+    # Samplers that model COMPLETE trials only (GP, NSGA-II) get a rejected candidate as the
+    # worst accuracy with its constraint (user attribute state="rejected" marks it).
     top1 = 0.0 if record.state == "rejected" else float(record.val_top1)
     return TrialState.COMPLETE, ((top1, float(macs)) if multi else top1)
+
+
+def _models_pruned_constraints(sampler: optuna.samplers.BaseSampler) -> bool:
+    """Whether ``sampler`` (or the sampler a dynas wrapper delegates to) is TPE, which reads the
+    constraints of PRUNED trials as it does those of COMPLETE ones."""
+    while not isinstance(sampler, optuna.samplers.TPESampler) and isinstance(getattr(sampler, "sampler", None), optuna.samplers.BaseSampler):
+        sampler = sampler.sampler
+    return isinstance(sampler, optuna.samplers.TPESampler)
 
 
 class _Heartbeat:
@@ -151,6 +166,25 @@ def _check_same_search(study: optuna.Study, space: SearchSpace, evaluator: Candi
                 f"study {study.study_name!r} was created with {name} {attrs[key]!r}, but this run "
                 f"uses {value!r}; refusing to mix them. Use another --study-name or --run-dir."
             )
+    _check_same_choices(study, space)
+
+
+def _check_same_choices(study: optuna.Study, space: SearchSpace) -> None:
+    """Refuse a study whose trials asked a choice with other values than the space offers now.
+
+    Optuna cannot mix two value sets of one categorical parameter in a study (the first such
+    suggest raises mid-trial); this says so before any work, naming the choice and both sets.
+    """
+    offered = {choice.label: tuple(choice.values) for choice in space.choices()}
+    for trial in study.get_trials(deepcopy=False):
+        for label, dist in trial.distributions.items():
+            values = tuple(getattr(dist, "choices", ()))
+            if label in offered and values and values != offered[label]:
+                raise DynasError(
+                    f"study {study.study_name!r} was searched with {label} in {values!r}, but space "
+                    f"{space.name!r} now offers {offered[label]!r} (dynas changed this choice); Optuna "
+                    "cannot mix the two in one study. Start it in another --run-dir or --study-name."
+                )
 
 
 def run_optuna_search(
