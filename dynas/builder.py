@@ -255,8 +255,9 @@ def init_weights(model: nn.Module) -> None:
     Convs: kaiming normal (fan_out), zero bias; BatchNorm: ones / zeros; Linear: normal(0, 0.01),
     zero bias. The attention branch of a DY-conv or ODConv keeps the operator's own init (a
     normal(0, 0.01) there would only shrink the logits, which the temperature already controls;
-    ODConv's is the official one). DCD's kernels W0, P, Q^T are convs, its attention Linears
-    normal(0, 0.01): the official DCD init, under which the layer starts near its static conv.
+    ODConv's is the official one). DCD's kernels W0 and Q^T are convs, P is zero (its dynamic
+    branch starts at zero: without the official latent BatchNorms a kaiming P diverged), its
+    attention Linears normal(0, 0.01), as the official DCD init.
     """
     skip: set[int] = set()
     for module in model.modules():
@@ -267,8 +268,9 @@ def init_weights(model: nn.Module) -> None:
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, DCDConv2d):
-            for weight in (module.weight, module.weight_p[:, :, None, None], module.weight_q[:, :, None, None]):
+            for weight in (module.weight, module.weight_q[:, :, None, None]):
                 nn.init.kaiming_normal_(weight.data, mode="fan_out")
+            nn.init.zeros_(module.weight_p)  # the dynamic branch starts at zero (DCDConv2d.reset_parameters)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=int, default=10, help="trained candidates per search (baselines included)")
     search.add_argument("--proxy-epochs", type=int, default=3, help="epochs per searched candidate")
     search.add_argument("--top", type=int, default=3, help="searched architectures retrained")
+    search.add_argument("--pruner", default="none", help="of both searches; 'median' stops most candidates early, "
+                        "which leaves fewer completed ones to pick from")
     train = parser.add_argument_group("training (searches and retraining)")
     train.add_argument("--retrain-epochs", type=int, default=6)
     train.add_argument("--seeds", type=_seeds, default=[0, 1], help="retraining seeds, comma-separated")
@@ -204,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_resolved(args, out / "config.yaml")
     for name in ("search", "random"):
         (out / name).mkdir(exist_ok=True)
-    common = {"max_macs": args.max_macs, "data": data, "n_trials": args.trials, "train_config": recipe, "keep_weights": 0}
+    common = {"max_macs": args.max_macs, "data": data, "n_trials": args.trials, "train_config": recipe, "keep_weights": 0,
+              "pruner": args.pruner}
     searched = dynas.search(args.space, sampler="tpe", run_dir=out / "search", storage=str(out / "search" / "study.log"),
                             seed=args.seed, **common)
     # Another seed: TPE's random start-up draws with --seed are the random sampler's first draws.

@@ -275,20 +275,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = out / "results.json"
     tau = _tau_text(config, data)
     done = json.loads(path.read_text(encoding="utf-8")).get("runs", []) if path.is_file() else []
-    runs = [r for r in done if r.get("op") in archs and r.get("arch") == archs[r["op"]].to_str()]
+    runs = list(done)  # every earlier network stays in the file, whatever --ops asks now
+
+    def ours(run: dict[str, Any], op: str) -> bool:
+        return run.get("op") == op and run.get("arch") == archs[op].to_str()
+
     for seed in args.seeds:
         for op, arch in archs.items():
-            if any(r["op"] == op and r["seed"] == seed for r in runs):
+            if any(ours(r, op) and r["seed"] == seed for r in runs):
                 continue
             runs.append({"op": op, **train_and_test(arch, data, dataclasses.replace(config, seed=seed))})
-            summary = {
-                o: _summarise([r for r in runs if r["op"] == o]) for o in archs if any(r["op"] == o for r in runs)
-            }
+            summary = {o: _summarise([r for r in runs if ours(r, o)]) for o in archs if any(ours(r, o) for r in runs)}
             results = {"summary": summary, "runs": runs, "tau": tau, "data": repr(data)}
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
             tmp.replace(path)
-    summary = {o: _summarise([r for r in runs if r["op"] == o and r["seed"] in args.seeds]) for o in archs}
+    summary = {o: _summarise([r for r in runs if ours(r, o) and r["seed"] in args.seeds]) for o in archs}
     print(_table(summary, tau))
     print(f"results: {path}")
     return 0

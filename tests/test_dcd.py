@@ -36,6 +36,32 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _trained_latent_projection(monkeypatch):
+    """Every DCDConv2d of these tests gets a random P, as after training (a fresh one has P = 0,
+    which would make the dynamic branch vanish from every comparison below)."""
+    fresh = DCDConv2d.reset_parameters
+
+    def reset(self):
+        fresh(self)
+        nn.init.kaiming_uniform_(self.weight_p, a=5**0.5)
+
+    monkeypatch.setattr(DCDConv2d, "reset_parameters", reset)
+
+
+def test_a_fresh_layer_is_its_static_part(monkeypatch):
+    monkeypatch.undo()  # the real initialisation
+    torch.manual_seed(0)
+    op = DCDConv2d(8, 16, 1).double()
+    x = inputs(3, 8)
+    assert not op.weight_p.any()
+    lam, _ = op.attention(x)
+    static = F.conv2d(x, op.weight) * lam[:, :, None, None] + op.bias[:, None, None]
+    torch.testing.assert_close(op(x), static)
+    op(x).square().sum().backward()
+    assert op.weight_p.grad.abs().sum() > 0  # the dynamic branch grows from zero
+
+
 def _hsigmoid(t: torch.Tensor) -> torch.Tensor:
     return F.relu6(t + 3) / 3  # the official Hsigmoid
 

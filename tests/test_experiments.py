@@ -84,6 +84,8 @@ def test_operator_comparison_resumes_seed_by_seed(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["runs"][:2] == first and [(r["op"], r["seed"]) for r in results["runs"][2:]] == [("static", 1), ("od1", 1)]
     assert results["summary"]["od1"]["seeds"] == [0, 1]
+    assert script.main([*argv, "--ops", "static", "--seeds", "0"]) == 0  # fewer operators: nothing dropped
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]
     with pytest.raises(SystemExit):
         script.main([*argv, "--ops", "static,odd"])
     assert "must be distinct names from static, dy, od1, od4, dcd" in capsys.readouterr().err
@@ -144,3 +146,15 @@ def test_paper_table_prints_the_operator_table(capsys):
     out = capsys.readouterr().out
     assert "ODConv and DCD presets against their sources" in out
     assert all(preset in out for preset in ("od1_mobilenetv2_100", "od4_mobilenetv2_050", "dcd_mobilenetv2_050"))
+
+
+def test_anneal_length_trains_each_fraction_and_the_static_twin(tmp_path, capsys):
+    script = _script("anneal_length")
+    argv = ["--networks", "dynamic", "--epochs", "1", "--max-steps-per-epoch", "1", "--seeds", "0",
+            "--anneal-fractions", "0.1,1", "--num-threads", "1", "--out", str(tmp_path)]
+    assert script.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["K"], r["anneal_fraction"]) for r in rows] == [(4, 0.1), (4, 1.0), (1, None)]
+    assert "static (K = 1)" in capsys.readouterr().out
+    static = script.with_kernels(script.networks("mobile_cifar", 16, 10, 1.5e6)["dynamic"], 1)
+    assert {b.num_kernels for b in static.blocks} == {1} and closed_form_macs(static) < 1.5e6

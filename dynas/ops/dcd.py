@@ -144,9 +144,17 @@ class DCDConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """W0, P and Q as nn.Conv2d initialises a kernel (each a 1x1 conv); the bias likewise."""
-        for weight in (self.weight, self.weight_q, self.weight_p):
+        """W0 and Q as nn.Conv2d initialises a kernel (each a 1x1 conv), the bias likewise; P zero.
+
+        With P = 0 a fresh layer is its static part ``Lambda(x) W0 x + b``, and the dynamic branch
+        grows from zero (as a residual branch initialised to zero). The official module keeps that
+        branch in check with the BatchNorms left out here; with P initialised like W0 instead, a
+        DCD-MobileNetV2 x0.35 on digits (16x16, 6 epochs, lr 0.05) diverged to chance (11.8% val
+        top-1; it learned at lr 0.02), and with P = 0 it reached 96.5% (static 97.9%).
+        """
+        for weight in (self.weight, self.weight_q):
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        nn.init.zeros_(self.weight_p)
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_channels)
             nn.init.uniform_(self.bias, -bound, bound)
