@@ -172,6 +172,15 @@ def search(
         budget, data, train_config, ResultsTable(run_dir), keep_weights=keep_weights, on_record=on_record, objective=objective,
         fidelity=fidelity,
     )
+    caller_ready = on_ready
+
+    def ready() -> None:  # everything checked, the study open: the run's record, then the caller's
+        _write_record(run_dir, space, budget, engine, sampler, pruner, metric, n_trials, seed, storage, study_name,
+                      strategy, data, train_config)
+        if caller_ready is not None:
+            caller_ready()
+
+    on_ready = ready
     if engine == "optuna":
         study = _optuna(space, evaluator, n_trials, sampler, pruner, metric, storage, study_name or run_dir.name,
                         seed, timeout, enqueue, heartbeat_interval, grace_period, on_ready, references)
@@ -184,6 +193,39 @@ def search(
         run_nni_search(space, evaluator, n_trials=n_trials, strategy=strategy, seed=seed, execution=execution,
                        port=port, host=host, on_ready=on_ready, baselines=references)
     return SearchResult(frame=evaluator.results.frame(), run_dir=run_dir, study=study, counters=evaluator.counters)
+
+
+def _write_record(run_dir, space, budget, engine, sampler, pruner, metric, n_trials, seed, storage, study_name,
+                  strategy, data, train_config) -> None:  # type: ignore[no-untyped-def]
+    """``run_dir/config.yaml`` in the CLI's keys, so that ``report``, ``export`` and retraining read a
+    library run as they read a CLI one (the CLI writes its own, fuller record over it)."""
+    import dataclasses
+
+    import yaml
+
+    from dynas.engines.storage import strip_password
+
+    def name(obj: Any) -> Any:
+        return obj if obj is None or isinstance(obj, str) else type(obj).__name__
+
+    record: dict[str, Any] = {
+        "space": space.name, "max_macs": budget.max_macs, "max_params": budget.max_params,
+        "max_latency_ms": budget.max_latency_ms, "engine": engine, "objective": metric, "trials": n_trials, "seed": seed,
+        "run_dir": str(run_dir),
+    }
+    if engine == "optuna":
+        record.update(sampler=name(sampler) or "tpe", pruner=name(pruner), study_name=study_name or run_dir.name,
+                      storage=strip_password(str(storage)) if isinstance(storage, (str, Path)) else None)
+    else:
+        record["strategy"] = strategy
+    if data is not None:
+        record.update(dataset=data.name, input_size=data.input_size)
+    record.update({f.name: getattr(train_config, f.name) for f in dataclasses.fields(train_config) if f.name != "schedule"})
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=True), encoding="utf-8")
+    except OSError as err:
+        raise DynasError(f"run directory {str(run_dir)!r} is not writable: {err.strerror or err}.") from None
 
 
 def _optuna(space, evaluator, n_trials, sampler, pruner, metric, storage, study_name, seed, timeout, enqueue,

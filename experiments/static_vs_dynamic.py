@@ -203,13 +203,13 @@ def _summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _table(summary: dict[str, dict[str, Any]], tau: str) -> str:
     ref = summary.get("static") or next(iter(summary.values()))
     lines = [
-        f"{'operator':<10}{'MACs':>9}{'params':>9}{'test top-1 (%)':>26}{'s/epoch':>9}{'x static':>9}",
+        f"{'operator':<10}{'MACs':>9}{'params':>9}{'test top-1 (%)':>32}{'s/epoch':>9}{'x static':>9}",
     ]
     for op, row in summary.items():
         seeds = ", ".join(f"{t:.2f}" for t in row["test_top1"])
         top = f"{row['test_top1_mean']:.2f} ± {row['test_top1_spread'] / 2:.2f} ({seeds})"
         lines.append(
-            f"{op:<10}{row['macs'] / 1e6:>8.2f}M{row['params'] / 1e6:>8.2f}M{top:>26}"
+            f"{op:<10}{row['macs'] / 1e6:>8.2f}M{row['params'] / 1e6:>8.2f}M{top:>32}"
             f"{row['seconds_per_epoch']:>9.1f}{row['seconds_per_epoch'] / ref['seconds_per_epoch']:>9.2f}"
         )
     lines += [

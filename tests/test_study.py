@@ -120,3 +120,19 @@ def test_the_optuna_study_reads_without_dynas(space, tmp_path):
     assert trial.user_attrs["origin"] == "baseline-static" and trial.user_attrs["dynamic_blocks"] == 0
     assert trial.user_attrs["num_params"] > 0 and trial.user_attrs["macs"] <= BUDGET
     assert trial.user_attrs["fidelity"] == "objective"
+
+
+def test_a_library_run_leaves_the_record_report_and_retraining_read(space, tmp_path):
+    from dynas.config import read_run_config, train_config
+    from dynas.report import write_report
+
+    data = dynas.load_data("digits", input_size=16, train_subset=64)
+    recipe = dynas.TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=16, lr=0.02, quiet=True)
+    search("mobile_cifar", max_macs=BUDGET, data=data, n_trials=2, pruner="none", run_dir=tmp_path, train_config=recipe)
+    settings = read_run_config(tmp_path)
+    assert (settings["space"], settings["dataset"], settings["input_size"], settings["max_macs"]) == ("mobile_cifar", "digits", 16, BUDGET)
+    assert (settings["engine"], settings["sampler"], settings["pruner"], settings["trials"]) == ("optuna", "tpe", "none", 2)
+    assert train_config(settings) == recipe
+    write_report(tmp_path)
+    header = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert header.startswith("space `mobile_cifar`; dataset `digits`; input 16x16; budget <= 1.50M MACs; engine optuna")
