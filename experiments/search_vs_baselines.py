@@ -41,12 +41,13 @@ from typing import Any
 
 import pandas as pd
 import torch
+from _args import add_data_args, seed_list
 
 import dynas
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
 from dynas.cost import closed_form_macs, closed_form_params, parse_count
-from dynas.data import DATASETS, DataBundle, load_data
+from dynas.data import DataBundle, load_data
 from dynas.spec import ArchSpec
 from dynas.training import TrainConfig, evaluate, train_candidate
 
@@ -55,26 +56,11 @@ __all__ = ["build_parser", "main", "pick", "summarise"]
 _TRAIN = TrainConfig()
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, but got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"must be distinct, but got {text!r}")
-    return seeds
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--config file.yaml`` sets defaults that flags override."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
-    data.add_argument("--data-root", default=None, help="cifar-10-batches-py or its parent")
-    data.add_argument("--input-size", type=int, default=None, help="resize images (default: native)")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train for validation")
-    data.add_argument("--train-subset", type=float, default=None, help="a count (>= 1) or a fraction of train")
+    add_data_args(parser)
     search = parser.add_argument_group("search")
     search.add_argument("--space", default="mobile_cifar")
     search.add_argument("--max-macs", type=parse_count, required=True, help="the budget, e.g. 3M")
@@ -85,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "which leaves fewer completed ones to pick from")
     train = parser.add_argument_group("training (searches and retraining)")
     train.add_argument("--retrain-epochs", type=int, default=6)
-    train.add_argument("--seeds", type=_seeds, default=[0, 1], help="retraining seeds, comma-separated")
+    train.add_argument("--seeds", type=seed_list, default=[0, 1], help="retraining seeds, comma-separated")
     train.add_argument("--batch-size", type=int, default=_TRAIN.batch_size)
     train.add_argument("--lr", type=float, default=_TRAIN.lr)
     train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")

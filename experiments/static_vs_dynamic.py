@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _args import add_data_args, seed_list
 
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
 from dynas.cost import closed_form_macs, closed_form_params
-from dynas.data import DATASETS, BatchLoader, DataBundle, load_data
+from dynas.data import BatchLoader, DataBundle, load_data
 from dynas.presets import cifar_variant, dcd_mobilenet_v2, mobilenet_v2
 from dynas.spec import ArchSpec
 from dynas.training import TrainConfig, evaluate, train_candidate
@@ -77,26 +78,11 @@ def _ops(text: str) -> list[str]:
     return ops
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, but got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"must be distinct, but got {text!r}")
-    return seeds
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--config file.yaml`` sets defaults that flags override."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
-    data.add_argument("--data-root", default=None, help="cifar-10-batches-py or its parent")
-    data.add_argument("--input-size", type=int, default=None, help="resize images to this square size (default: native)")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train for validation")
-    data.add_argument("--train-subset", type=float, default=None, help="a count (>= 1) or a fraction of train")
+    add_data_args(parser)
     models = parser.add_argument_group("models")
     models.add_argument("--ops", type=_ops, default=["static", "dy"], help=f"comma-separated, from {', '.join(OPERATORS)}")
     models.add_argument("--width", type=float, default=0.5, help="width multiplier of the static MobileNetV2")
@@ -104,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--dynamic-width", type=float, default=None, help="DY-conv's width (default: matched MACs)")
     train = parser.add_argument_group("training (the same for all)")
     train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated training seeds, e.g. 0,1")
+    train.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated training seeds, e.g. 0,1")
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=0.05, help="peak; 0.1 collapsed the attention in short runs")
     train.add_argument("--weight-decay", type=float, default=4e-5)

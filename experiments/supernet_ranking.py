@@ -45,11 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _args import add_data_args
 
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
 from dynas.cost import closed_form_macs, closed_form_params, parse_count
-from dynas.data import DATASETS, DataBundle, load_data
+from dynas.data import DataBundle, load_data
 from dynas.errors import DynasError
 from dynas.spec import ArchSpec
 from dynas.supernet import Supernet, SupernetTrainConfig, score_subnet, train_supernet
@@ -74,12 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--config file.yaml`` sets defaults that flags override."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
-    data.add_argument("--data-root", default=None, help="cifar-10-batches-py or its parent")
-    data.add_argument("--input-size", type=int, default=None, help="resize images (default: native; 32 for digits)")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train for validation")
-    data.add_argument("--train-subset", type=float, default=None, help="a count (>= 1) or a fraction of train")
+    add_data_args(parser, "resize images (default: native; 32 for digits)")
     band = parser.add_argument_group("subnets")
     band.add_argument("--mac-band", default="5M:15M", help="LOW:HIGH closed-form MACs at the data's resolution")
     band.add_argument("--num-subnets", type=int, default=16, help="subnets sampled in the band (>= 4)")

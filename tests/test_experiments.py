@@ -18,6 +18,8 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def _script(name: str) -> ModuleType:
+    if str(EXPERIMENTS) not in sys.path:  # as `python experiments/NAME.py` does: its siblings (_args) import
+        sys.path.insert(0, str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built

@@ -500,6 +500,8 @@ def _ranking():
     import sys
 
     path = Path(__file__).resolve().parents[1] / "experiments" / "supernet_ranking.py"
+    if str(path.parent) not in sys.path:  # as `python experiments/supernet_ranking.py` does: _args imports
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("experiments_supernet_ranking", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built

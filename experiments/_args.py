@@ -1,0 +1,34 @@
+"""Command-line pieces the experiment scripts share: the data options and a list of seeds.
+
+The scripts import it as a sibling module (``python experiments/x.py`` puts this folder first on
+``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dynas.data import DATASETS
+
+__all__ = ["add_data_args", "seed_list"]
+
+
+def add_data_args(parser: argparse.ArgumentParser, input_size_help: str = "resize images (default: native)") -> None:
+    """``--dataset`` (default cifar10), ``--data-root``, ``--input-size``, ``--val-fraction``, ``--train-subset``."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    data.add_argument("--data-root", default=None, help="cifar-10-batches-py or its parent")
+    data.add_argument("--input-size", type=int, default=None, help=input_size_help)
+    data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train for validation")
+    data.add_argument("--train-subset", type=float, default=None, help="a count (>= 1) or a fraction of train")
+
+
+def seed_list(text: str) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]``: distinct integers, for ``--seeds``."""
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, but got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct, but got {text!r}")
+    return seeds
