@@ -15,11 +15,11 @@ Everything is resumable: the searches keep their journals in ``--out/search`` an
 (a rerun continues them), and every retrained network is appended to ``--out/retrain.jsonl`` at
 once (a rerun skips those already there).
 
-The README's table (CIFAR-10 at 16x16 on a 2-core CPU; about 50 minutes)::
+The README's table (CIFAR-10 at 16x16, one CPU thread; about 45 minutes)::
 
     python ../shared/data/cifar10/to_batches.py ../shared/data/cifar10/cifar10_full_jpegq75_pack.npz ~/.cache/cifar/full
     python experiments/search_vs_baselines.py --data-root ~/.cache/cifar/full --input-size 16 \\
-        --train-subset 5000 --max-macs 3M --trials 10 --proxy-epochs 3 --retrain-epochs 6 \\
+        --train-subset 5000 --max-macs 3M --trials 10 --proxy-epochs 3 --retrain-epochs 5 \\
         --seeds 0,1 --num-threads 1
 
 A smoke run (seconds)::

@@ -32,6 +32,7 @@ def cifar10_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> dict:
     """A private copy of the search-space registry, so a test's registrations do not leak."""
+    dynas.spaces.list_spaces()  # discover first: else the discovery lands in the copy and is lost with it
     copy = dict(dynas.spaces._REGISTRY)
     monkeypatch.setattr(dynas.spaces, "_REGISTRY", copy)
     return copy
