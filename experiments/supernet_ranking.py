@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     band.add_argument("--strata", type=int, default=4, help="equal-width MAC bins of the band")
     sup = parser.add_argument_group("supernet")
     sup.add_argument("--supernet-epochs", type=int, default=30)
-    sup.add_argument("--num-random", type=int, default=2, help="random subnets per step besides largest / smallest")
+    sup.add_argument("--num-random", type=int, default=SupernetTrainConfig.num_random, help="random subnets per step besides largest / smallest")
     sup.add_argument("--no-distill", action="store_true", help="train every subnet on the labels")
     sup.add_argument("--calib-images", type=int, default=2000, help="BN recalibration images per scored subnet")
     train = parser.add_argument_group("training (the recipe of both)")

@@ -14,7 +14,7 @@ from dynas import __version__
 from dynas.checks import MAX_SEED, brief, check_host
 from dynas.cost import parse_count
 from dynas.errors import DynasError
-from dynas.supernet.train import SUPERNET_ANNEAL_FRACTION
+from dynas.supernet.train import SUPERNET_ANNEAL_FRACTION, SupernetTrainConfig
 from dynas.training import TrainConfig
 
 __all__ = ["ENGINES", "build_parser"]
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     supernet.add_argument("--config", help="YAML file of defaults (flags override it)")
     supernet.add_argument("--space", default="mobile_cifar", help="a registered mobile space")
     supernet.add_argument("--run-dir", default="runs/supernet", help="checkpoint.pt (resumed on rerun) and supernet.pt go here")
-    supernet.add_argument("--num-random", type=_non_negative_int, default=2, help="random subnets per step besides the largest and smallest")
+    supernet.add_argument("--num-random", type=_non_negative_int, default=SupernetTrainConfig.num_random, help="random subnets per step besides the largest and smallest")
     supernet.add_argument("--no-distill", dest="distill", action="store_false", help="train every subnet on the labels (default: distil from the largest)")
     supernet.add_argument("--val-calib-images", type=_non_negative_int, default=1000, help="BN recalibration images for the per-epoch validation (0: none)")
     _add_data_args(supernet)
