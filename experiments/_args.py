@@ -10,7 +10,7 @@ import argparse
 
 from dynas.data import DATASETS
 
-__all__ = ["add_data_args", "seed_list"]
+__all__ = ["add_data_args", "add_run_args", "seed_list"]
 
 
 def add_data_args(parser: argparse.ArgumentParser, input_size_help: str = "resize images (default: native)") -> None:
@@ -21,6 +21,15 @@ def add_data_args(parser: argparse.ArgumentParser, input_size_help: str = "resiz
     data.add_argument("--input-size", type=int, default=None, help=input_size_help)
     data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train for validation")
     data.add_argument("--train-subset", type=float, default=None, help="a count (>= 1) or a fraction of train")
+
+
+def add_run_args(group: argparse._ArgumentGroup, seed_help: str) -> None:
+    """``--max-steps-per-epoch``, ``--device``, ``--num-threads``, ``--seed`` and ``--quiet``."""
+    group.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
+    group.add_argument("--device", default="auto")
+    group.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--quiet", action="store_true")
 
 
 def seed_list(text: str) -> list[int]:

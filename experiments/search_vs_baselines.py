@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _args import add_data_args, seed_list
+from _args import add_data_args, add_run_args, seed_list
 
 import dynas
 from dynas.builder import build_model
@@ -74,11 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seeds", type=seed_list, default=[0, 1], help="retraining seeds, comma-separated")
     train.add_argument("--batch-size", type=int, default=_TRAIN.batch_size)
     train.add_argument("--lr", type=float, default=_TRAIN.lr)
-    train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    train.add_argument("--seed", type=int, default=0, help="data split and the searches' samplers")
-    train.add_argument("--quiet", action="store_true")
+    add_run_args(train, "data split and the searches' samplers")
     parser.add_argument("--out", default="runs/search_vs_baselines", help="folder for the searches and results")
     return parser
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _args import add_data_args, seed_list
+from _args import add_data_args, add_run_args, seed_list
 
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
@@ -97,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tau-start", type=float, default=30.0)
     train.add_argument("--anneal-fraction", type=float, default=_TRAIN.anneal_fraction, help="share of steps annealing tau to 1")
     train.add_argument("--anneal-epochs", type=float, default=None, help="anneal over epochs instead (paper: 10)")
-    train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    train.add_argument("--seed", type=int, default=0, help="the train/val split")
-    train.add_argument("--quiet", action="store_true")
+    add_run_args(train, "the train/val split")
     parser.add_argument("--out", default="runs/static_vs_dynamic", help="folder for results.json and config.yaml")
     return parser
 

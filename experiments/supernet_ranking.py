@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _args import add_data_args
+from _args import add_data_args, add_run_args
 
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
@@ -93,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=4e-5)
     train.add_argument("--tau-start", type=float, default=30.0)
     train.add_argument("--anneal-fraction", type=float, default=SUPERNET_ANNEAL_FRACTION, help="share of steps annealing tau to 1")
-    train.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap, for a quick smoke run")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    train.add_argument("--seed", type=int, default=0, help="data split, sampling, supernet, calibration")
-    train.add_argument("--quiet", action="store_true")
+    add_run_args(train, "data split, sampling, supernet, calibration")
     parser.add_argument("--out", default="runs/supernet_ranking", help="folder for the supernet and the results")
     return parser
 
