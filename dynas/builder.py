@@ -255,9 +255,10 @@ def init_weights(model: nn.Module) -> None:
     Convs: kaiming normal (fan_out), zero bias; BatchNorm: ones / zeros; Linear: normal(0, 0.01),
     zero bias. The attention branch of a DY-conv or ODConv keeps the operator's own init (a
     normal(0, 0.01) there would only shrink the logits, which the temperature already controls;
-    ODConv's is the official one). DCD's kernels W0 and Q^T are convs, P is zero (its dynamic
-    branch starts at zero: without the official latent BatchNorms a kaiming P diverged), its
-    attention Linears normal(0, 0.01), as the official DCD init.
+    ODConv's trunk is the official one, its heads zero: :meth:`OmniAttention.reset_parameters`).
+    DCD's kernels W0 and Q^T are convs, P is zero (its dynamic branch starts at zero: without the
+    official latent BatchNorms a kaiming P diverged), its attention Linears normal(0, 0.01), as
+    the official DCD init.
     """
     skip: set[int] = set()
     for module in model.modules():

@@ -238,7 +238,9 @@ def test_init_of_odconv_and_dcd():
     od = model.stages[1][0].expand.conv  # (K=4, 96, 16, 1, 1)
     for k in range(4):
         assert od.weight[k].std().item() == pytest.approx(math.sqrt(2 / 96), rel=0.1)
-    assert od.attention.heads.weight.std().item() > 0.05  # the official kaiming init, not normal(0, 0.01)
+    assert od.attention.fc.weight.std().item() > 0.05  # the official kaiming trunk, not normal(0, 0.01)
+    assert torch.count_nonzero(od.attention.heads.weight) == 0  # zero heads: gates start at 1/2
+    assert torch.count_nonzero(model.stages[1][1].expand.conv.weight_p) == 0  # DCD's P starts at 0
     dcd = model.stages[1][1].expand.conv  # 24 -> 96
     assert dcd.weight.std().item() == pytest.approx(math.sqrt(2 / 96), rel=0.1)
     assert dcd.attention.fc.weight.std().item() == pytest.approx(0.01, rel=0.1)  # the official DCD init

@@ -26,7 +26,8 @@ from dynas.export.formats import (
     onnx_latency_ms,
 )
 from dynas.models import create_model
-from dynas.ops import DynamicConv2d
+from dynas.ops import DCDConv2d, DynamicConv2d, ODConv2d
+from dynas.ops.odconv import OmniAttention
 from dynas.temperature import set_temperature
 
 onnx = pytest.importorskip("onnx")
@@ -268,6 +269,35 @@ def test_fold_batchnorm_is_exact_and_leaves_the_model_alone():
     torch.testing.assert_close(_reference(folded, x), _reference(model, x), rtol=0, atol=1e-5)
     sigmoid = fold_batchnorm(_model("sigmoid_bias")[0])
     assert [type(m).__name__ for m in sigmoid] == ["DynamicConv2d", "BatchNorm2d", "ReLU", "DynamicConv2d", "Identity"]
+
+
+@pytest.mark.parametrize("name", ["od1_mobilenetv2_050_cifar", "od4_mobilenetv2_050_cifar", "dcd_mobilenetv2_050_cifar"])
+def test_fold_batchnorm_folds_odconv_and_dcd_exactly(name):
+    """Every BatchNorm after an ODConv or DCD conv folds away, and each conv + BN keeps its output.
+
+    Compared conv by conv on random inputs (a whole untrained network in eval mode maps every input
+    to nearly the same logits, which would hide a wrong fold), with trained-like weights.
+    """
+    model, _ = _model(name)
+    torch.manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, OmniAttention):
+            m.official_init()  # random heads: the attentions vary per sample
+        elif isinstance(m, DCDConv2d):
+            nn.init.normal_(m.weight_p, 0.0, 0.1)  # a dynamic branch that is not zero
+    folded = dict(fold_batchnorm(model).named_modules())
+    checked = 0
+    for path, seq in model.named_modules():
+        if not (isinstance(seq, nn.Sequential) and isinstance(seq[0], (ODConv2d, DCDConv2d))):
+            continue
+        assert isinstance(seq[1], nn.BatchNorm2d) and isinstance(folded[path][1], nn.Identity), path
+        x = torch.randn(4, seq[0].in_channels, 8, 8, generator=torch.Generator().manual_seed(checked))
+        with torch.no_grad():
+            expected = seq[1](seq[0](x))
+            torch.testing.assert_close(folded[path][1](folded[path][0](x)), expected, rtol=1e-4, atol=1e-5)
+        assert (expected[0] - expected[1]).abs().max() > 1e-2  # per-sample attentions that differ
+        checked += 1
+    assert checked >= 10
 
 
 def test_onnx_latency_ms(exported):

@@ -13,6 +13,7 @@ from dynas.builder import build_model
 from dynas.counting import count_macs, mac_analysis
 from dynas.export.formats import export_onnx, export_torchscript
 from dynas.ops import ODConv2d
+from dynas.ops.odconv import OmniAttention
 from dynas.presets import get_preset
 from dynas.spec import ArchSpec
 from dynas.temperature import dynamic_layers, set_temperature
@@ -26,6 +27,31 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _trained_heads(monkeypatch):
+    """Every ODConv2d of these tests gets the official random heads, as after training (fresh
+    heads are zero, which would make every attention a constant in the comparisons below)."""
+    monkeypatch.setattr(OmniAttention, "reset_parameters", OmniAttention.official_init)
+
+
+def test_a_fresh_layer_is_a_static_conv_of_the_mean_kernel_between_half_gates(monkeypatch):
+    monkeypatch.undo()  # the real initialisation
+    torch.manual_seed(0)
+    op = _randomise_norm(ODConv2d(8, 16, 3, padding=1, num_kernels=4, temperature=1.0)).double().eval()
+    x = inputs(3, 8)
+    a_c, a_f, a_s, pi = op.attention(x, op.temperature)
+    for gate in (a_c, a_f, a_s):
+        assert torch.equal(gate, torch.full_like(gate, 0.5))
+    assert torch.equal(pi, torch.full_like(pi, 0.25))
+    expected = F.conv2d(x, op.weight.mean(0) * 0.5**3, op.bias.mean(0), padding=1)
+    torch.testing.assert_close(op(x), expected)
+    # The heads learn from there: a loss gives them (and only them, at first) a gradient.
+    op.train()
+    op(x).square().mean().backward()
+    assert op.attention.heads.weight.grad.abs().sum() > 0
+    assert op.attention.fc.weight.grad.abs().sum() == 0  # zero heads pass no gradient to the trunk yet
 
 
 def _randomise_norm(op: ODConv2d) -> ODConv2d:

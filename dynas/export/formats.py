@@ -26,7 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dynas.checks import check_int
 from dynas.errors import DynasError
-from dynas.ops import DynamicConv2d
+from dynas.ops import DCDConv2d, DynamicConv2d, ODConv2d
 from dynas.ops.dynamic_conv import deploy_trace
 
 __all__ = [
@@ -48,30 +48,61 @@ ReduceMean, Reshape, Clip, ...), which onnxruntime, TensorRT and OpenVINO all ru
 _CHECK_BATCHES = (1, 8)
 
 
-def _fold_dynamic(conv: DynamicConv2d, bn: nn.BatchNorm2d) -> bool:
-    """Fold ``bn`` into the K kernels of ``conv`` in place; False (nothing done) under sigmoid attention.
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` of ``BN(y) = s y + t`` in eval mode, per channel: ``s = gamma / sqrt(var + eps)``."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
 
-    ``BN(sum_k pi_k W_k * x + b) = sum_k pi_k (s W_k) * x + s b + t`` with ``s = gamma / sqrt(var + eps)``
-    and ``t = beta - s mean``: exact since mixing is linear. The shift ``t`` joins every ``b_k``, which
-    is exact because softmax weights sum to one; sigmoid weights do not, so that BN stays.
+
+def _fold_kernels(conv: DynamicConv2d | ODConv2d, bn: nn.BatchNorm2d) -> bool:
+    """Scale the K kernels ``(K, Cout, ...)`` per filter by ``s`` and make each bias ``s b_k + t``, in place.
+
+    Exact for an ODConv: ``s (a_f . conv(x, W(x)) + sum_i a_w[i] b_i) + t`` equals
+    ``a_f . conv(x, W'(x)) + sum_i a_w[i] (s b_i + t)``, since ``s`` commutes with the filter,
+    channel and spatial attentions and the kernel attention is a softmax (or, at K = 1, none).
     """
-    if conv.attention.attention != "softmax":
-        return False
     with torch.no_grad():
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (Cout,)
-        shift = bn.bias - bn.running_mean * scale  # (Cout,)
+        scale, shift = _bn_affine(bn)
         conv.weight.mul_(scale.view(1, -1, 1, 1, 1))  # (K, Cout, Cin/g, kh, kw)
         bias = shift.expand(conv.num_kernels, -1) if conv.bias is None else conv.bias * scale + shift
         conv.bias = nn.Parameter(bias.clone(), requires_grad=False)  # (K, Cout)
     return True
 
 
+def _fold_dynamic(conv: DynamicConv2d, bn: nn.BatchNorm2d) -> bool:
+    """Fold ``bn`` into the K kernels of ``conv`` in place; False (nothing done) under sigmoid attention.
+
+    ``BN(sum_k pi_k W_k * x + b) = sum_k pi_k (s W_k) * x + s b + t`` with ``t = beta - s mean``:
+    exact since mixing is linear. The shift ``t`` joins every ``b_k``, which is exact because
+    softmax weights sum to one; sigmoid weights do not, so that BN stays.
+    """
+    return conv.attention.attention == "softmax" and _fold_kernels(conv, bn)
+
+
+def _fold_dcd(conv: DCDConv2d, bn: nn.BatchNorm2d) -> bool:
+    """Fold ``bn`` into a DCD conv in place (always exact): ``s`` scales the rows of ``W0`` and ``P``.
+
+    ``s ((Lambda W0 + P Phi Q^T) x + b) + t = (Lambda (s W0) + (s P) Phi Q^T) x + (s b + t)``, since
+    ``Lambda`` is diagonal over the output channels.
+    """
+    with torch.no_grad():
+        scale, shift = _bn_affine(bn)
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))  # W0 (Cout, Cin, 1, 1)
+        conv.weight_p.mul_(scale.view(-1, 1))  # P (Cout, L)
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv.bias = nn.Parameter(bias.clone(), requires_grad=False)  # (Cout,)
+    return True
+
+
+_FOLDS = {DynamicConv2d: _fold_dynamic, ODConv2d: _fold_kernels, DCDConv2d: _fold_dcd}
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with each BatchNorm2d that directly follows a conv folded into it.
 
-    Convs are :class:`torch.nn.Conv2d` and :class:`~dynas.ops.DynamicConv2d` (see ``_fold_dynamic``),
-    followed by a BatchNorm2d in the same :class:`torch.nn.Sequential` (as in ``ConvBnAct``); a folded
-    BatchNorm becomes :class:`torch.nn.Identity`. Same outputs up to float rounding, one pass fewer
+    Convs are :class:`torch.nn.Conv2d`, :class:`~dynas.ops.DynamicConv2d` (see ``_fold_dynamic``),
+    :class:`~dynas.ops.ODConv2d` and :class:`~dynas.ops.DCDConv2d`, followed by a BatchNorm2d in
+    the same :class:`torch.nn.Sequential` (as in ``ConvBnAct``); a folded BatchNorm becomes :class:`torch.nn.Identity`. Same outputs up to float rounding, one pass fewer
     per conv, and the conv + activation pattern that runtimes fuse.
     """
     folded = copy.deepcopy(model).eval()
@@ -85,7 +116,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 continue
             if type(conv) is nn.Conv2d:
                 seq._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-            elif not (isinstance(conv, DynamicConv2d) and _fold_dynamic(conv, bn)):
+            elif not (type(conv) in _FOLDS and _FOLDS[type(conv)](conv, bn)):
                 continue
             seq._modules[bn_name] = nn.Identity()
     return folded
