@@ -18,7 +18,7 @@ from dynas.builder import build_model
 from dynas.cost import closed_form_macs
 from dynas.data import load_data, normalize
 from dynas.errors import DynasError
-from dynas.ops import DynamicConv2d
+from dynas.ops import DCDConv2d, DynamicConv2d, ODConv2d
 from dynas.spec import ArchSpec
 from dynas.supernet import (
     ElasticConv2d,
@@ -32,6 +32,7 @@ from dynas.supernet import (
 from dynas.supernet.train import sandwich
 from dynas.training import TrainConfig
 from search_spaces.mobile import MobileCifarSpace, MobileImageNetSpace, StageConfig
+from search_spaces.mobile_ops import MobileCifarOpsSpace
 
 SIZE = 16  # mobile_cifar at 16x16: the same layers as at 32x32, a quarter of the pixels
 
@@ -286,6 +287,132 @@ def test_score_subnet_is_seeded_and_leaves_the_supernet_unchanged(supernet, digi
     assert first.top1 == second.top1 and 0.0 <= first.top1 <= 100.0
     assert first.arch == ARCHS[3] and first.calib_images == 48 and first.seconds > 0
     assert all(torch.equal(v, before[k]) for k, v in supernet.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- ODConv and DCD
+
+
+def _ops_archs() -> dict[str, ArchSpec]:
+    """mobile_cifar_ops subnets by name: every block one operator (each op, each K; all blocks
+    there), the largest and smallest, then mixed samples."""
+    space = MobileCifarOpsSpace(input_size=SIZE)
+    archs = {"largest": space.largest(), "smallest": space.smallest()}
+    uniform = [("static", {}), ("dcd", {})]
+    uniform += [(f"dy{k}", {"num_kernels": k}) for k in space.num_kernels]
+    uniform += [(f"od{k}", {"od_num_kernels": k}) for k in space.od_num_kernels]
+    for t, (name, ks) in enumerate(uniform):
+        params = {c.label: c.values[(t + i) % len(c.values)] for i, c in enumerate(space.choices())}
+        for c in space.choices():
+            if c.label.endswith("_depth"):
+                params[c.label] = max(c.values)
+            elif c.label.endswith("_op"):
+                params[c.label] = name.rstrip("0123456789")
+            elif c.label.endswith("num_kernels"):
+                key = "od_num_kernels" if c.label.endswith("_od_num_kernels") else "num_kernels"
+                params[c.label] = ks.get(key, max(c.values))
+        archs[name] = space.decode(params).arch
+    archs.update({f"sample{s}": space.sample(seed=s).arch for s in range(4)})
+    return archs
+
+
+OPS = _ops_archs()
+OPS_ARCHS = list(OPS.values())
+
+
+@pytest.fixture(scope="module")
+def ops_supernet() -> Supernet:
+    torch.manual_seed(0)
+    net = Supernet(MobileCifarOpsSpace(input_size=SIZE))
+    _randomize(net, seed=3)  # ODConv heads and DCD's P, zero at init, become random too
+    net.temperature = 1.0
+    return net.eval()
+
+
+def test_the_ops_archs_cover_every_operator_and_k(ops_supernet):
+    seen: dict[str, set] = {}
+    for arch in OPS_ARCHS:
+        for label, value in ops_supernet._params_of(arch, "arch").items():
+            seen.setdefault(label, set()).add(value)
+    for choice in ops_supernet.space.choices():
+        if choice.label.endswith(("_op", "num_kernels")):
+            assert seen.get(choice.label) == set(choice.values), choice.label
+
+
+@pytest.mark.parametrize("index", range(len(OPS_ARCHS)))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_odconv_and_dcd_subnets_extract_exactly_block_by_block(ops_supernet, index, mode):
+    """Each block of the extracted subnet computes what the supernet's block computes, on random
+    inputs (a whole untrained network gives nearly input-independent logits), in eval mode and
+    in training mode (batch statistics, the ODConv trunk's BatchNorm1d included)."""
+    arch = OPS_ARCHS[index]
+    model = ops_supernet.extract(arch)
+    gen = torch.Generator().manual_seed(index)
+    with ops_supernet.activate(arch), torch.no_grad():
+        for i, stage in enumerate(arch.stages):
+            for j in range(len(stage.blocks)):
+                ours, built = ops_supernet.stages[i][j], model.stages[i][j]
+                x = torch.randn(4, ours.active.in_channels, 8, 8, generator=gen)
+                ours.train(mode == "train"), built.train(mode == "train")
+                expected, got = ours(x), built(x)
+                assert _relative_error(got, expected) < 1e-5, (i, j, stage.blocks[j])
+                if mode == "train":  # (in eval, random BN statistics can leave a ReLU6 block all zero)
+                    assert (expected[0] - expected[1]).abs().max() > 1e-3  # the samples are told apart
+    ops_supernet.eval()
+    ops_classes = {type(m) for m in model.modules()}
+    ops = {b.op if b.is_dynamic else "static" for s in arch.stages for b in s.blocks}
+    assert (ODConv2d in ops_classes) == ("od" in ops) and (DCDConv2d in ops_classes) == ("dcd" in ops)
+
+
+def test_every_operator_of_a_layer_starts_from_the_same_kernel_0(ops_supernet):
+    """Static conv, DY-conv's and ODConv's first kernel and DCD's W0 are one shared tensor."""
+    space = ops_supernet.space
+    base = {c.label: c.values[i % len(c.values)] for i, c in enumerate(space.choices())}
+    choices = [("static", 2, 1), ("dy", 2, 1), ("od", 2, 1), ("dcd", 2, 1)]  # (op, DY K, OD K)
+    archs = [space.decode({**base, "s1_b1_op": op, "s1_b1_num_kernels": k, "s1_b1_od_num_kernels": ok}).arch
+             for op, k, ok in choices]
+    convs = [ops_supernet.extract(arch).stages[0][0].project.conv for arch in archs]
+    assert [type(c) for c in convs] == [nn.Conv2d, DynamicConv2d, ODConv2d, DCDConv2d]
+    w0 = convs[0].weight
+    for conv in convs[1:]:
+        kernel0 = conv.weight if isinstance(conv, DCDConv2d) else conv.weight[0]
+        assert torch.equal(kernel0, w0)
+
+
+def test_a_fresh_ops_supernet_starts_every_odconv_and_dcd_at_its_static_part():
+    torch.manual_seed(0)
+    net = Supernet(MobileCifarOpsSpace(input_size=SIZE))
+    dcd = [m for m in net.extract(OPS["dcd"]).modules() if isinstance(m, DCDConv2d)]
+    assert dcd and all(torch.count_nonzero(m.weight_p) == 0 for m in dcd)
+    od = [m for m in net.extract(OPS["od4"]).modules() if isinstance(m, ODConv2d)]
+    assert od and all(torch.count_nonzero(m.attention.heads.weight) == 0 for m in od)
+
+
+def test_an_odconv_or_dcd_block_is_refused_by_a_supernet_without_them(supernet):
+    arch = OPS["od2"]
+    with pytest.raises(DynasError, match=r"block s1_b1's `op` must be 'dy' .* but got op='od'"):
+        supernet.extract(arch)
+
+
+def test_an_ops_arch_outside_the_choices_is_refused(ops_supernet):
+    arch = OPS["od1"]  # every block ODConv, K = 1
+    bad = _with_block(arch, 1, 0, num_kernels=3)
+    with pytest.raises(DynasError, match=r"`s2_b1_od_num_kernels` must be one of \(1, 2, 4\), but got s2_b1_od_num_kernels=3"):
+        ops_supernet.extract(bad)
+    with pytest.raises(DynasError, match=r"block s2_b1's `dynamic_convs` must be 'all', but got dynamic_convs='pw'"):
+        ops_supernet.extract(_with_block(arch, 1, 0, dynamic_convs="pw"))
+
+
+def test_the_ops_supernet_trains_and_round_trips(digits, tmp_path):
+    """Sandwich steps through every operator: gradients reach ODConv heads and DCD's P."""
+    torch.manual_seed(0)
+    net = Supernet(MobileCifarOpsSpace(input_size=SIZE))
+    result = train_supernet(net, digits, _tiny_config(epochs=1, steps=2, val_calib_images=16), run_dir=tmp_path)
+    state = net.state_dict()
+    assert any(k.endswith("od_attention.channel.weight") and torch.count_nonzero(v) for k, v in state.items())
+    assert any(k.endswith("dcd.weight_p") and torch.count_nonzero(v) for k, v in state.items())
+    loaded = load_supernet(result.path)
+    assert loaded.space.name == "mobile_cifar_ops"
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- training

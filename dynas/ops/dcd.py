@@ -38,15 +38,27 @@ from dynas.checks import check_int
 from dynas.ops.odconv import conv_padding, explicit_pad
 from dynas.spec import dcd_factorized, dcd_hidden_channels, dcd_latent_channels, dcd_pooled_width
 
-__all__ = ["DCDAttention", "DCDConv2d"]
+__all__ = ["DCDAttention", "DCDConv2d", "dcd_hsigmoid", "dcd_pool"]
 
 
-def _hsigmoid(t: torch.Tensor) -> torch.Tensor:
+def dcd_hsigmoid(t: torch.Tensor) -> torch.Tensor:
     """The official ``Hsigmoid``: ``relu6(t + 3) / 3``, in [0, 2].
 
     Not ``2 * F.hardsigmoid``: its backward on CPU uses a float32 1/6, off by 3e-8 in float64.
     """
     return F.relu6(t + 3.0) / 3.0
+
+
+def dcd_pool(x: torch.Tensor, quadrants: bool) -> torch.Tensor:
+    """DCD's attention input: (B, Cin) averages, or with ``quadrants`` (B, 4 * Cin) for a 2x2
+    adaptive average pool (channel-major, as the official ``.view``)."""
+    if not quadrants:
+        return x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
+    h, w = x.shape[2], x.shape[3]
+    top, left = (h + 1) // 2, (w + 1) // 2  # adaptive pooling's bins: [0, ceil(n/2)) and [n//2, n)
+    rows = (x[:, :, :top], x[:, :, h // 2 :])
+    cells = [r[:, :, :, cols] for r in rows for cols in (slice(None, left), slice(w // 2, None))]
+    return torch.stack([c.mean(dim=(2, 3)) for c in cells], dim=2).flatten(1)  # (B, Cin * 4)
 
 
 class DCDAttention(nn.Module):
@@ -75,21 +87,14 @@ class DCDAttention(nn.Module):
         self.heads = nn.Linear(hidden, latent * latent + out_channels, bias=False, **factory)  # Phi, Lambda
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Cin) averages, or (B, 4 * Cin) for a 2x2 adaptive average pool (channel-major, as ``.view``)."""
-        if not self.quadrants:
-            return x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
-        h, w = x.shape[2], x.shape[3]
-        top, left = (h + 1) // 2, (w + 1) // 2  # adaptive pooling's bins: [0, ceil(n/2)) and [n//2, n)
-        rows = (x[:, :, :top], x[:, :, h // 2 :])
-        cells = [r[:, :, :, cols] for r in rows for cols in (slice(None, left), slice(w // 2, None))]
-        return torch.stack([c.mean(dim=(2, 3)) for c in cells], dim=2).flatten(1)  # (B, Cin * 4)
+        return dcd_pool(x, self.quadrants)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Lambda (B, Cout), Phi (B, L, L))``."""
         z = F.linear(self._pool(x), self.fc.weight)  # (B, hidden)
-        z = z * _hsigmoid(F.linear(z, self.gate.weight))
+        z = z * dcd_hsigmoid(F.linear(z, self.gate.weight))
         phi, scale = F.linear(z, self.heads.weight).split([self.latent**2, self.out_channels], dim=1)
-        return _hsigmoid(scale), phi.reshape(-1, self.latent, self.latent)
+        return dcd_hsigmoid(scale), phi.reshape(-1, self.latent, self.latent)
 
 
 class DCDConv2d(nn.Module):

@@ -37,7 +37,7 @@ from torch import nn
 from dynas.builder import DynasNet, build_model, create_act
 from dynas.data import DataBundle
 from dynas.errors import DynasError, did_you_mean
-from dynas.spec import ArchSpec, BlockSpec, expanded_channels, se_channels
+from dynas.spec import ArchSpec, BlockSpec, dcd_latent_channels, expanded_channels, se_channels
 from dynas.supernet.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite
 
 if TYPE_CHECKING:
@@ -58,7 +58,13 @@ _TRAINING_LABELS = ("tau_start", "anneal_fraction")
 
 @dataclass(frozen=True)
 class _BlockDims:
-    """The sizes of one inverted residual, as :class:`dynas.builder.InvertedResidual` builds it."""
+    """The sizes of one inverted residual, as :class:`dynas.builder.InvertedResidual` builds it.
+
+    One block has one operator: DY-conv (``pw_kernels`` / ``dw_kernels``; 1 = static), ODConv
+    (``od_kernels`` in the 1x1 convs, ``od_dw_kernels`` in the depthwise one) or DCD (the 1x1
+    convs' latent widths). The union of several (:meth:`union`) holds every operator any of
+    them has, each at its largest K / L, and every pool a DCD attention meets.
+    """
 
     in_channels: int
     mid_channels: int
@@ -69,12 +75,32 @@ class _BlockDims:
     expand: bool  # has an expand 1x1 conv (expansion != 1)
     se: bool
     squeeze_channels: int
-    pw_kernels: int  # K of the 1x1 convs
-    dw_kernels: int  # K of the depthwise conv
+    pw_kernels: int  # K of the DY-conv 1x1 convs (1: static)
+    dw_kernels: int  # K of the DY-conv depthwise conv
+    od_kernels: int = 0  # K of the ODConv 1x1 convs (0: not ODConv)
+    od_dw_kernels: int = 0  # K of the ODConv depthwise conv (0: not ODConv)
+    expand_latent: int = 0  # DCD's L of the expand conv (0: not DCD)
+    project_latent: int = 0
+    expand_pools: frozenset[bool] = frozenset()  # DCD attention pools met: True = 2x2 (widening)
+    project_pools: frozenset[bool] = frozenset()
 
     @classmethod
     def of(cls, in_channels: int, block: BlockSpec) -> _BlockDims:
         mid = expanded_channels(in_channels, block.expansion)
+        op = block.op if block.is_dynamic else "dy"
+        k, every_conv = block.num_kernels, block.dynamic_convs == "all"
+        ops: dict[str, Any] = {"pw_kernels": 1, "dw_kernels": 1}
+        if op == "dy":
+            ops.update(pw_kernels=k, dw_kernels=k if every_conv else 1)
+        elif op == "od":
+            ops.update(od_kernels=k, od_dw_kernels=k if every_conv else 0)
+        else:  # dcd, in the 1x1 convs
+            ops.update(
+                expand_latent=block.latent or dcd_latent_channels(in_channels, mid) if block.expansion != 1 else 0,
+                project_latent=block.latent or dcd_latent_channels(mid, block.out_channels),
+                expand_pools=frozenset({in_channels < mid}) if block.expansion != 1 else frozenset(),
+                project_pools=frozenset({mid < block.out_channels}),
+            )
         return cls(
             in_channels=in_channels,
             mid_channels=mid,
@@ -85,27 +111,33 @@ class _BlockDims:
             expand=block.expansion != 1,
             se=block.se,
             squeeze_channels=se_channels(mid),
-            pw_kernels=block.num_kernels,
-            dw_kernels=block.num_kernels if block.dynamic_convs == "all" else 1,
+            **ops,
         )
+
+    @property
+    def op(self) -> str:
+        """The operator of an active block's dynamic convs: ``"od"``, ``"dcd"`` or ``"dy"``."""
+        return "od" if self.od_kernels else "dcd" if self.project_latent else "dy"
 
     @property
     def residual(self) -> bool:
         return self.stride == 1 and self.in_channels == self.out_channels
 
     def union(self, other: _BlockDims) -> _BlockDims:
-        """The smallest dims holding both (sizes: max; parts: either); stride and activation must agree."""
+        """The smallest dims holding both (sizes: max; parts and pools: either); stride and activation must agree."""
         if (self.stride, self.activation) != (other.stride, other.activation):
             raise DynasError(
                 "a supernet needs each block position to keep its stride and activation across the space, "
                 f"but got stride/activation {self.stride}/{self.activation} and {other.stride}/{other.activation}."
             )
+        either = ("expand", "se", "expand_pools", "project_pools")
         sizes = {
             f.name: max(getattr(self, f.name), getattr(other, f.name))
             for f in dataclasses.fields(self)
-            if f.name not in ("stride", "activation", "expand", "se")
+            if f.name not in ("stride", "activation", *either)
         }
-        return dataclasses.replace(self, expand=self.expand or other.expand, se=self.se or other.se, **sizes)
+        parts = {name: getattr(self, name) | getattr(other, name) for name in either}
+        return dataclasses.replace(self, **parts, **sizes)
 
 
 def _arch_dims(arch: ArchSpec) -> list[list[_BlockDims]]:
@@ -122,21 +154,26 @@ def _arch_dims(arch: ArchSpec) -> list[list[_BlockDims]]:
 def _reference_archs(space: MobileSpace) -> list[tuple[Any, ArchSpec]]:
     """(width, arch) pairs whose archs together reach every layer's largest size.
 
-    Every choice at its largest, except ``width`` (each value) and the expansions (the t-th value
-    of every block together): a block's expanded width depends on both its input width and its
-    expansion, and not every pair is reached by the largest arch alone.
+    Every choice at its largest, except ``width`` (each value), the expansions (the t-th value
+    of every block together) and a per-block operator (``*_op``, each value in every block
+    together): a block's expanded width depends on both its input width and its expansion, and
+    not every pair is reached by the largest arch alone; each operator brings its own parts.
     """
     choices = space.choices()
     expansions = [c for c in choices if c.label.endswith("_expansion")]
+    operators = [c for c in choices if c.label.endswith("_op")]
     rounds = max((len(c.values) for c in expansions), default=1)
+    ops = operators[0].values if operators else (None,)
     (width,) = [c for c in choices if c.label == "width"]
     archs = []
     for w in width.values:
         for t in range(rounds):
-            params = {c.label: max(c.values) for c in choices}
-            params["width"] = w
-            params.update({c.label: c.values[min(t, len(c.values) - 1)] for c in expansions})
-            archs.append((w, space.decode(params).arch))
+            for op in ops:
+                params = {c.label: max(c.values) for c in choices if c not in operators}
+                params["width"] = w
+                params.update({c.label: c.values[min(t, len(c.values) - 1)] for c in expansions})
+                params.update({c.label: op for c in operators})
+                archs.append((w, space.decode(params).arch))
     return archs
 
 
@@ -156,28 +193,43 @@ class _ConvBnAct(nn.Sequential):
 class _ElasticBlock(nn.Module):
     """An inverted residual of the largest dims; runs whichever dims are active."""
 
-    def __init__(self, dims: _BlockDims, reduction: int, min_hidden: int) -> None:
+    def __init__(self, dims: _BlockDims, reduction: int, min_hidden: int, dcd_reduction: int = 16) -> None:
         super().__init__()
-        attn = {"reduction": reduction, "min_hidden": min_hidden}
+        attn = {"reduction": reduction, "min_hidden": min_hidden, "dcd_reduction": dcd_reduction}
         cin, mid = dims.in_channels, dims.mid_channels
+        pw = {"num_kernels": dims.pw_kernels, "od_kernels": dims.od_kernels, **attn}
         if dims.expand:
-            self.expand = _ConvBnAct(ElasticConv2d(cin, mid, 1, num_kernels=dims.pw_kernels, **attn), dims.activation)
+            conv = ElasticConv2d(cin, mid, 1, dcd_latent=dims.expand_latent, dcd_pools=dims.expand_pools, **pw)
+            self.expand = _ConvBnAct(conv, dims.activation)
         conv = ElasticConv2d(
-            mid, mid, dims.kernel_size, dims.stride, depthwise=True, num_kernels=dims.dw_kernels, **attn
+            mid,
+            mid,
+            dims.kernel_size,
+            dims.stride,
+            depthwise=True,
+            num_kernels=dims.dw_kernels,
+            od_kernels=dims.od_dw_kernels,
+            **attn,
         )
         self.depthwise = _ConvBnAct(conv, dims.activation)
         if dims.se:
             self.se = ElasticSqueezeExcite(mid, dims.squeeze_channels)
-        self.project = _ConvBnAct(ElasticConv2d(mid, dims.out_channels, 1, num_kernels=dims.pw_kernels, **attn), None)
+        conv = ElasticConv2d(mid, dims.out_channels, 1, dcd_latent=dims.project_latent, dcd_pools=dims.project_pools, **pw)
+        self.project = _ConvBnAct(conv, None)
         self.active = dims
 
     def set_active(self, dims: _BlockDims) -> None:
+        op = dims.op
+        pw_k = {"od": dims.od_kernels, "dcd": 1}.get(op, dims.pw_kernels)
         if dims.expand:
-            self.expand.conv.set_active(dims.mid_channels, 1, dims.pw_kernels)
-        self.depthwise.conv.set_active(dims.mid_channels, dims.kernel_size, dims.dw_kernels)
+            self.expand.conv.set_active(dims.mid_channels, 1, pw_k, op, dims.expand_latent)
+        if dims.od_dw_kernels:
+            self.depthwise.conv.set_active(dims.mid_channels, dims.kernel_size, dims.od_dw_kernels, "od")
+        else:
+            self.depthwise.conv.set_active(dims.mid_channels, dims.kernel_size, dims.dw_kernels)
         if dims.se:
             self.se.set_active(dims.squeeze_channels)
-        self.project.conv.set_active(dims.out_channels, 1, dims.pw_kernels)
+        self.project.conv.set_active(dims.out_channels, 1, pw_k, op, dims.project_latent)
         self.active = dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,11 +289,17 @@ class Supernet(nn.Module):
         dims = _arch_dims(refs[0])
         for arch in refs[1:]:
             dims = [[a.union(b) for a, b in zip(sa, sb)] for sa, sb in zip(dims, _arch_dims(arch))]
+        if largest.head_op != "dy":
+            raise DynasError(
+                f"a supernet's head conv must be static or DY-conv, but space {space.name!r} has head_op="
+                f"{largest.head_op!r}."
+            )
         attn = {"reduction": largest.attention_reduction, "min_hidden": largest.attention_min_hidden}
         stem = max(a.stem_channels for a in refs)
         stem_conv = ElasticConv2d(largest.in_channels, stem, 3, largest.stem_stride)
         self.stem = _ConvBnAct(stem_conv, largest.stem_activation)
-        self.stages = nn.ModuleList(nn.ModuleList(_ElasticBlock(d, **attn) for d in stage) for stage in dims)
+        blocks = {**attn, "dcd_reduction": largest.dcd_reduction}
+        self.stages = nn.ModuleList(nn.ModuleList(_ElasticBlock(d, **blocks) for d in stage) for stage in dims)
         head_conv = ElasticConv2d(
             dims[-1][-1].out_channels,
             max(a.head_channels for a in refs),
@@ -361,12 +419,21 @@ class Supernet(nn.Module):
                 params[f"s{i}_depth"] = self._canonical(labels[f"s{i}_depth"], len(stage.blocks), what)
             for j, block in enumerate(stage.blocks, start=1):
                 prefix = f"s{i}_b{j}_"
+                op = block.op if block.is_dynamic else "static"
+                if op not in ("static", "dy") and prefix + "op" not in labels:
+                    raise DynasError(
+                        f"{what} is not a subnet of the {self.space.name!r} supernet: block s{i}_b{j}'s `op` must be "
+                        f"'dy' (its blocks are static or DY-conv; a space with a per-block operator, such as "
+                        f"'mobile_cifar_ops', has ODConv and DCD), but got op={block.op!r}."
+                    )
                 values = {
                     "kernel": block.kernel_size,
                     "expansion": block.expansion,
                     "se": block.se,
                     "dynamic": block.is_dynamic,
-                    "num_kernels": block.num_kernels if block.is_dynamic else None,
+                    "op": op,  # a per-block operator (mobile_cifar_ops), with its own K label
+                    "num_kernels": block.num_kernels if op == "dy" else None,
+                    "od_num_kernels": block.num_kernels if op == "od" else None,
                 }
                 params.update({prefix + k: v for k, v in values.items() if prefix + k in labels and v is not None})
         return params

@@ -250,6 +250,12 @@ def _setup(supernet: Supernet, data: DataBundle, config: SupernetTrainConfig, ra
         nesterov=True,
         fused=device.type in ("cpu", "cuda"),
     )
+    # Zero momentum buffers up front: the first update of each is then grad, as when SGD creates
+    # it lazily, but a parameter first used after step 1 (an operator that neither the largest
+    # nor the smallest subnet has) does not mix buffers and None, which fused SGD refuses.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(round(cfg.warmup_epochs * steps), total))
     model: torch.nn.Module = supernet
     if world > 1:
