@@ -9,6 +9,7 @@ import json
 import pickle
 
 import pytest
+import torch
 
 from run_search import main
 from dynas.spaces import get_space
@@ -203,6 +204,28 @@ def test_supernet_train_then_search_with_it(tmp_path, capsys):
                           "--evaluator", "supernet", "--supernet", str(sn / "supernet.pt")])
     assert "supernet" in err and not (tmp_path / "other" / "results.jsonl").exists()
     assert "needs --supernet PATH" in _error(capsys, _search(tmp_path, "--max-macs", "1.5M", "--evaluator", "supernet"))
+    # Export: the scored subnet's weights, as scored (its val top-1 again), and fine-tuned further.
+    from dynas.config import load_run_data, read_run_config
+    from dynas.models import load_model
+    from dynas.training import evaluate
+
+    run = tmp_path / "run"
+    best = max(done, key=lambda r: r["val_top1"])
+    assert main(["export", str(run), "--trial", str(best["trial"]), "--out", str(tmp_path / "ex"), "--no-latency"]) == 0
+    folder = tmp_path / "ex" / f"trial_{best['trial']:05d}"
+    exported = load_model(folder / "model.pt")
+    data = load_run_data(read_run_config(run))
+    assert evaluate(exported, data, "val", device="cpu") == pytest.approx(best["val_top1"], abs=1e-6)
+    assert "extracted from the supernet" in (folder / "card.md").read_text()
+    assert main(["export", str(run), "--trial", str(best["trial"]), "--out", str(tmp_path / "ft"), "--no-latency",
+                 "--finetune-epochs", "1"]) == 0
+    tuned = load_model(tmp_path / "ft" / folder.name / "model.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), exported.state_dict().values()))
+    assert "fine-tuned for 1 epochs" in (tmp_path / "ft" / folder.name / "card.md").read_text()
+    # The supernet file gone: refused in one line, nothing written.
+    (sn / "supernet.pt").rename(sn / "moved.pt")
+    err = _error(capsys, ["export", str(run), "--trial", str(best["trial"]), "--out", str(tmp_path / "gone")])
+    assert "supernet file" in err and "does not exist" in err and not (tmp_path / "gone").exists()
 
 
 def test_search_train_and_export_on_grayscale_npz(tmp_path, capsys):

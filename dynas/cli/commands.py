@@ -341,6 +341,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         top=args.top or 3,
         trials=args.trials,
         retrain_epochs=args.retrain_epochs,
+        finetune_epochs=args.finetune_epochs,
         latency=args.latency,
     )
     for item in exported:

@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--pareto", dest="select", action="store_const", const="pareto", help="the Pareto front (val top-1 vs MACs)")
     which.add_argument("--trial", type=_non_negative_int, action="append", dest="trials", help="a trial number (repeatable)")
     export.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
-    export.add_argument("--retrain-epochs", type=_positive_int, default=None, help="retrain on the full training set instead of using kept weights")
+    weights = export.add_mutually_exclusive_group()
+    weights.add_argument("--retrain-epochs", type=_positive_int, default=None, help="retrain from scratch on the full training set instead of using the trial's weights")
+    weights.add_argument("--finetune-epochs", type=_positive_int, default=None, help="train the trial's weights (kept, or the supernet's) further on the full training set")
     export.add_argument("--no-latency", dest="latency", action="store_false", help="skip the CPU latency measurement")
     export.set_defaults(select="best")
 

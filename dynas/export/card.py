@@ -30,11 +30,14 @@ def model_card(
     latency_ms: float,
     onnx_latency_ms: float,
     onnx_diff: float,
-    retrain_epochs: int | None,
+    weights: str,
     name: str,
 ) -> str:
-    """Markdown: costs, accuracy, τ schedule, where the weights come from, inputs and how to load it."""
-    weights = f"retrained for {retrain_epochs} epochs on the full training set" if retrain_epochs else "the search trial's final weights"
+    """Markdown: costs, accuracy, τ schedule, where the weights come from (``weights``), inputs and how to load it."""
+    if row.get("fidelity") == "supernet":
+        schedule = "the supernet's own (the trial's τ choices play no part in a subnet)"
+    else:
+        schedule = f"{row['tau_start']:g} → 1 over the first {row['anneal_fraction']:.0%} of steps"
     size = f"{arch.in_channels}, {arch.input_size}, {arch.input_size}"
     inputs = "pixels scaled to [0, 1], then per channel (x - mean) / std"
     if data is not None:
@@ -50,7 +53,7 @@ def model_card(
 | validation top-1 (search) | {row['val_top1']:.2f}% |
 | test top-1 | {test_top1:.2f}% |
 | dynamic blocks | {row['dynamic_blocks']} |
-| τ schedule | {row['tau_start']:g} → 1 over the first {row['anneal_fraction']:.0%} of steps; inference at τ = {temperature:g} |
+| τ schedule | {schedule}; inference at τ = {temperature:g} |
 | weights | {weights} |
 | inputs | float (batch, {size}), {inputs} |
 | ONNX vs PyTorch, max abs diff (batch 1 and 8) | {onnx_diff:.2e} |

@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 EXPORT_ATOL = 1e-4
-"""An export fails unless TorchScript's and onnxruntime's outputs lie this close to PyTorch's."""
+"""An export fails unless TorchScript's and onnxruntime's outputs lie this close to PyTorch's (or
+within 10x the float32 model's own rounding error, where that is larger: ``_tolerance``)."""
 
 ONNX_OPSET = 17
 """ONNX opset of :func:`export_onnx`: standard ``ai.onnx`` ops only (Conv, MatMul, Gemm, Softmax,
@@ -122,10 +123,25 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def _check_close(diff: float, what: str, name: str, batch: int) -> None:
-    if not diff <= EXPORT_ATOL:
+def _tolerance(model: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
+    """:data:`EXPORT_ATOL`, or 10x the float32 model's own rounding error on ``x`` when that is larger.
+
+    A network with a near-constant channel (running variance ~ 0, so BatchNorm scales by
+    ``1 / sqrt(eps)`` ~ 316) amplifies float32 rounding: a subnet of a briefly trained supernet,
+    recalibrated on 32 images, differed from its float64 self by 3.4e-5, and its correct
+    TorchScript graph from eager PyTorch by up to 1.6e-4. Such a graph is not wrong.
+    """
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        rounding = float((expected.double() - exact(x.double())).abs().max())
+    return max(EXPORT_ATOL, 10 * rounding)
+
+
+def _check_close(diff: float, what: str, name: str, batch: int, tolerance: float = EXPORT_ATOL) -> None:
+    if not diff <= tolerance:
+        rule = f"{EXPORT_ATOL:g}" if tolerance == EXPORT_ATOL else f"{tolerance:.3g} (10x the model's own float32 rounding)"
         raise DynasError(
-            f"the {what} export of {name} must match PyTorch within {EXPORT_ATOL:g}, "
+            f"the {what} export of {name} must match PyTorch within {rule}, "
             f"but got a max abs difference of {diff:.3g} at batch {batch}."
         )
 
@@ -159,7 +175,8 @@ def export_torchscript(
     Checked at batch 1 and 8, or with ``dynamic_batch=False`` at the example's batch size only.
 
     Raises:
-        DynasError: the traced module differs from PyTorch by more than :data:`EXPORT_ATOL`.
+        DynasError: the traced module differs from PyTorch by more than :data:`EXPORT_ATOL` (or,
+            when larger, 10x the float32 model's own rounding error: ``_tolerance``).
     """
     with _tracing(dynamic_batch):
         traced = torch.jit.trace(fold_batchnorm(model), example_input, check_trace=False)  # checked below
@@ -167,8 +184,10 @@ def export_torchscript(
     for batch in _check_batches(example_input, dynamic_batch):
         x = torch.randn(batch, *example_input.shape[1:])
         with torch.no_grad():
-            diff = float((traced(x) - model(x)).abs().max())
-        _check_close(diff, "TorchScript", name, batch)
+            expected = model(x)
+            diff = float((traced(x) - expected).abs().max())
+        if diff > EXPORT_ATOL:
+            _check_close(diff, "TorchScript", name, batch, _tolerance(model, x, expected))
         worst = max(worst, diff)
     traced.save(str(path))
     return worst
@@ -193,7 +212,8 @@ def export_onnx(
     onnxruntime it is written unchecked and NaN is returned.
 
     Raises:
-        DynasError: onnxruntime's outputs differ from PyTorch's by more than :data:`EXPORT_ATOL`.
+        DynasError: onnxruntime's outputs differ from PyTorch's by more than :data:`EXPORT_ATOL` (or,
+            when larger, 10x the float32 model's own rounding error: ``_tolerance``).
     """
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with _tracing(dynamic_batch):
@@ -216,9 +236,10 @@ def export_onnx(
     for batch in _check_batches(example_input, dynamic_batch):
         x = torch.randn(batch, *example_input.shape[1:])
         with torch.no_grad():
-            expected = model(x).numpy()
-        diff = float(abs(session.run(None, {"input": x.numpy()})[0] - expected).max())
-        _check_close(diff, "ONNX (onnxruntime)", name, batch)
+            expected = model(x)
+        diff = float(abs(session.run(None, {"input": x.numpy()})[0] - expected.numpy()).max())
+        if diff > EXPORT_ATOL:
+            _check_close(diff, "ONNX (onnxruntime)", name, batch, _tolerance(model, x, expected))
         worst = max(worst, diff)
     return worst
 

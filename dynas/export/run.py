@@ -53,31 +53,79 @@ def export_run(
     top: int = 3,
     trials: list[int] | None = None,
     retrain_epochs: int | None = None,
+    finetune_epochs: int | None = None,
     latency: bool = True,
 ) -> list[ExportedModel]:
     """Export trials of ``run_dir`` (``select`` or explicit ``trials`` numbers) to ``out_dir``.
 
-    Weights come from the trial's kept checkpoint, or, with ``retrain_epochs``, from retraining the
-    architecture on the full training set (training + validation split) of the run's dataset.
-    Test top-1 is measured here on the dataset's test split (which the search itself never saw).
-    Everything is checked before anything is written; a failure leaves ``out_dir`` as it was.
+    Weights come from the trial's kept checkpoint or, for a trial scored by a supernet
+    (``fidelity`` ``supernet``), from the run's supernet file: the subnet extracted, its BatchNorm
+    recalibrated as the search scored it (the run's ``calib_images`` and seed). With
+    ``finetune_epochs`` those weights are then trained further on the full training set
+    (training + validation split) at their inference temperature; with ``retrain_epochs`` the
+    architecture is instead retrained from scratch there. Test top-1 is measured here on the
+    dataset's test split (which the search itself never saw). Everything is checked before
+    anything is written; a failure leaves ``out_dir`` as it was.
     """
     run_dir = Path(run_dir)
     frame = load_results(run_dir)
     rows = rows_for(frame, select, top, trials, run_dir)
     settings = read_run_config(run_dir)
-    if retrain_epochs is None:
-        for row in rows:  # check all weights exist before writing anything
-            checkpoint_path(run_dir, row)
-    else:
-        _check_retrain(retrain_epochs, settings, run_dir)
-    data = _run_data(run_dir, settings, full_train=retrain_epochs is not None)
+    if retrain_epochs is not None and finetune_epochs is not None:
+        raise DynasError(
+            "`retrain_epochs` and `finetune_epochs` exclude each other (retrain from scratch, or train the "
+            f"weights further), but got retrain_epochs={retrain_epochs!r}, finetune_epochs={finetune_epochs!r}."
+        )
+    for name, epochs in (("retrain_epochs", retrain_epochs), ("finetune_epochs", finetune_epochs)):
+        if epochs is not None:
+            _check_retrain(epochs, settings, run_dir, name)
+    data = _run_data(run_dir, settings, full_train=False)
+    supernet = None
+    if retrain_epochs is None:  # check all weights exist before writing anything
+        if any(row.get("fidelity") == "supernet" for row in rows):
+            supernet = _run_supernet(run_dir, settings, data)
+        for row in rows:
+            if row.get("fidelity") != "supernet":
+                checkpoint_path(run_dir, row)
+    train_data = data if retrain_epochs is None and finetune_epochs is None else _run_data(run_dir, settings, True)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    how = _Weights(supernet, data, train_data, retrain_epochs, finetune_epochs)
 
     def export(row: dict, folder: Path) -> ExportedModel:
-        return _export_one(run_dir, folder, row, settings, data, retrain_epochs, latency)
+        return _export_one(run_dir, folder, row, settings, how, latency)
 
     return _write_all(out_dir, rows, export)
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Where an export's weights come from: the supernet (for its rows), the data, any training."""
+
+    supernet: Any
+    data: Any  # the search's split: BN recalibration and the test split
+    train_data: Any  # the full training set, when training
+    retrain_epochs: int | None
+    finetune_epochs: int | None
+
+
+def _run_supernet(run_dir: Path, settings: dict, data: Any) -> Any:
+    """The supernet that scored ``run_dir``'s trials (its config.yaml's ``supernet``), checked to be
+    of the run's space, input size and class count."""
+    from dynas.spaces import get_space
+    from dynas.supernet import load_supernet
+
+    path, name = settings.get("supernet"), settings.get("space")
+    config = str(run_dir / "config.yaml")
+    if not path or not name or data is None:
+        raise DynasError(
+            f"the trials of run {str(run_dir)!r} were scored by a supernet, but config file {config!r} does not "
+            f"name its `supernet` file, `space` and `dataset`; export them with --retrain-epochs N."
+        )
+    try:
+        space = get_space(name, input_size=data.input_size, num_classes=data.num_classes)
+        return load_supernet(path, space=space)
+    except DynasError as err:
+        raise DynasError(f"config file {config!r}: {err}") from None
 
 
 def _run_data(run_dir: Path, settings: dict, full_train: bool) -> Any:
@@ -128,26 +176,34 @@ def _folder_name(row: dict) -> str:
     return f"trial_{int(row['trial']):05d}"
 
 
-def _check_retrain(epochs: Any, settings: dict, run_dir: Path) -> None:
-    check_int("retrain_epochs", epochs, 1)
+def _check_retrain(epochs: Any, settings: dict, run_dir: Path, name: str = "retrain_epochs") -> None:
+    check_int(name, epochs, 1)
     if not settings.get("dataset"):
-        raise DynasError(f"cannot retrain: run {str(run_dir)!r} has no config.yaml naming its dataset.")
+        raise DynasError(f"cannot train ({name}): run {str(run_dir)!r} has no config.yaml naming its dataset.")
     try:
         train_config(settings, epochs=epochs, quiet=True)  # the run's recipe, checked before anything is written
     except DynasError as err:
         raise DynasError(f"config file {str(run_dir / 'config.yaml')!r}: {err}") from None
 
 
-def _export_one(
-    run_dir: Path, folder: Path, row: dict, settings: dict, data: Any, retrain_epochs: int | None, latency: bool
-) -> ExportedModel:
+def _export_one(run_dir: Path, folder: Path, row: dict, settings: dict, how: _Weights, latency: bool) -> ExportedModel:
     arch = ArchSpec.from_dict(json.loads(row["arch_json"]))
+    data = how.data
     folder.mkdir()
-    if retrain_epochs:
-        model, temperature = _retrain(arch, row, settings, data, retrain_epochs)
+    if how.retrain_epochs:
+        model, temperature = _retrain(arch, row, settings, how.train_data, how.retrain_epochs)
+        weights = f"retrained for {how.retrain_epochs} epochs on the full training set"
     else:
-        model = _kept_model(run_dir, row, arch)
+        if row.get("fidelity") == "supernet":
+            model = _supernet_model(how.supernet, arch, settings, data)
+            weights = f"extracted from the supernet ({settings['supernet']}), BatchNorm recalibrated as scored"
+        else:
+            model = _kept_model(run_dir, row, arch)
+            weights = "the search trial's final weights"
         temperature = current_temperature(model)
+        if how.finetune_epochs:
+            _finetune(model, row, settings, how.train_data, how.finetune_epochs, temperature)
+            weights += f", then fine-tuned for {how.finetune_epochs} epochs on the full training set at τ = {temperature:g}"
     test_top1 = _test_top1(model, data)
     (folder / "arch.json").write_text(json.dumps(_arch_payload(arch), indent=2), encoding="utf-8")
     save_model(folder / "model.pt", model, arch, temperature, trial=int(row["trial"]), **_normalisation(data))
@@ -160,7 +216,7 @@ def _export_one(
     onnx_ms = onnx_latency_ms(folder / "model.onnx", example) if latency and not math.isnan(diff) else math.nan
     card = model_card(
         arch, row, settings, data, temperature=temperature, test_top1=test_top1, latency_ms=ms,
-        onnx_latency_ms=onnx_ms, onnx_diff=diff, retrain_epochs=retrain_epochs, name=folder.name,
+        onnx_latency_ms=onnx_ms, onnx_diff=diff, weights=weights, name=folder.name,
     )
     if not onnx:
         card += f"\nmodel.onnx was not written: {ONNX_MISSING}.\n"
@@ -219,6 +275,28 @@ def _retrain(arch: ArchSpec, row: dict, settings: dict, data: Any, epochs: int) 
     model = build_model(arch)
     result = train_candidate(model, data, config)
     return model.cpu().eval(), result.tau_end
+
+
+def _supernet_model(supernet: Any, arch: ArchSpec, settings: dict, data: Any) -> nn.Module:
+    """The subnet's weights from ``supernet`` with BatchNorm recalibrated as the search scored it."""
+    from dynas.supernet import recalibrate_bn
+
+    model = supernet.extract(arch)
+    if data is not None:
+        recalibrate_bn(model, data, settings.get("calib_images") or 2000, seed=settings.get("seed", 0), device="cpu")
+    return model.cpu().eval()
+
+
+def _finetune(model: nn.Module, row: dict, settings: dict, data: Any, epochs: int, temperature: float) -> None:
+    """Train ``model``'s weights further with the run's recipe, τ held at ``temperature``."""
+    from dynas.training import train_candidate
+
+    config = train_config(
+        settings, epochs=epochs, seed=settings.get("seed", 0) + int(row["trial"]), quiet=True,
+        tau_start=temperature, tau_end=temperature,
+    )
+    train_candidate(model, data, config)
+    model.cpu().eval()
 
 
 def _latency(model: nn.Module, arch: ArchSpec) -> float:
