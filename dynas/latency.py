@@ -16,20 +16,9 @@ from torch import nn
 
 from dynas.checks import check_int
 from dynas.cost import input_shape
+from dynas.training import torch_threads
 
 __all__ = ["measure_latency"]
-
-
-@contextmanager
-def _num_threads(num_threads: int | None) -> Iterator[None]:
-    """Set torch's intra-op thread count for the block, and restore it afterwards."""
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextmanager
@@ -99,7 +88,7 @@ def measure_latency(
     model.to(device)
     dtype = next(model.parameters(), torch.empty(0)).dtype
     x = torch.randn(batch_size, *shape, device=device, dtype=dtype)
-    with _num_threads(num_threads), _eval_mode(model), torch.no_grad():
+    with torch_threads(num_threads), _eval_mode(model), torch.no_grad():
         for _ in range(warmup):
             model(x)
         times = [_time_ms(model, x, device) for _ in range(repeats)]

@@ -148,8 +148,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return parsed
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or ``None`` for full precision."""
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` setting (:data:`AMP_MODES`) on ``device``, or ``None`` for full precision."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16" and device.type != "cuda":
@@ -159,7 +159,8 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+def autocast_for(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is ``None``."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -228,14 +229,14 @@ def evaluate(
     The model is moved to ``device``; its train/eval mode is restored afterwards.
     """
     dev = resolve_device(device)
-    dtype = _amp_dtype(amp, dev)
+    dtype = amp_dtype_for(amp, dev)
     part = data.split(split)
     loader = BatchLoader(part, batch_size, mean=data.mean, std=data.std, device=dev)
     was_training = model.training
     model.to(dev).eval()
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     for images, labels in loader:
-        with _autocast(dev, dtype):
+        with autocast_for(dev, dtype):
             correct += (model(images).argmax(dim=1) == labels).sum()
     model.train(was_training)
     return 100.0 * int(correct) / len(part)
@@ -250,13 +251,52 @@ def _attention_entropy(model: nn.Module, data: DataBundle, run: _Run) -> dict[st
     loader = BatchLoader(data.val, run.config.eval_batch_size, mean=data.mean, std=data.std, device=run.device)
     images, _ = next(iter(loader))
     model.eval()
-    with _autocast(run.device, run.amp_dtype):
+    with autocast_for(run.device, run.amp_dtype):
         model(images)
     entropy = {name: layer.attention_entropy() for name, layer in layers}
     return {name: value for name, value in entropy.items() if value is not None}
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def train_loader(data: DataBundle, config: TrainConfig, generator: torch.Generator, device: torch.device) -> BatchLoader:
+    """``config``'s training batches of ``data``: shuffled by ``generator``, augmented unless
+    ``config.augment`` is off, the last partial batch dropped, at most ``max_steps_per_epoch``."""
+    return BatchLoader(
+        data.train,
+        config.batch_size,
+        mean=data.mean,
+        std=data.std,
+        augmentation=data.augmentation if config.augment else None,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+        device=device,
+        max_batches=config.max_steps_per_epoch,
+    )
+
+
+def sgd_with_schedule(
+    model: nn.Module, config: TrainConfig, steps_per_epoch: int, device: torch.device
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """The recipe's optimizer and per-step lr schedule for ``model``.
+
+    Nesterov SGD with weight decay on conv / linear weights only; linear warm-up over
+    ``warmup_epochs``, then cosine to ~0 at ``epochs``. The fused kernel updates all parameters
+    in one pass: 2.7x faster optimizer steps on CPU (benchmarks/bench_networks.py --fused-sgd),
+    the same arithmetic.
+    """
+    optimizer = torch.optim.SGD(
+        _param_groups(model, config.weight_decay),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+        fused=device.type in ("cpu", "cuda"),
+    )
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -313,35 +353,14 @@ class _Run:
 def _setup(model: nn.Module, data: DataBundle, config: TrainConfig, schedule: TemperatureSchedule | None) -> _Run:
     check_train_batches(config.batch_size, len(data.train))
     device = resolve_device(config.device)
-    amp_dtype = _amp_dtype(config.amp, device)
+    amp_dtype = amp_dtype_for(config.amp, device)
     torch.manual_seed(config.seed)  # dropout and anything else drawing from the global RNG
     generator = torch.Generator().manual_seed(config.seed)  # order, crops and flips
     model.to(device)
-    loader = BatchLoader(
-        data.train,
-        config.batch_size,
-        mean=data.mean,
-        std=data.std,
-        augmentation=data.augmentation if config.augment else None,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-        device=device,
-        max_batches=config.max_steps_per_epoch,
-    )
+    loader = train_loader(data, config, generator, device)
     steps = len(loader)
     total = config.epochs * steps
-    # The fused kernel updates all parameters in one pass: 2.7x faster optimizer steps on CPU
-    # (benchmarks/bench_networks.py --fused-sgd), the same arithmetic.
-    optimizer = torch.optim.SGD(
-        _param_groups(model, config.weight_decay),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=True,
-        fused=device.type in ("cpu", "cuda"),
-    )
-    warmup = round(config.warmup_epochs * steps)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total))
+    optimizer, lr_scheduler = sgd_with_schedule(model, config, steps, device)
     return _Run(
         config=config,
         device=device,
@@ -365,7 +384,7 @@ def _train_epoch(model: nn.Module, run: _Run, epoch: int) -> float:
         step = epoch * run.steps_per_epoch + i
         tau = run.tau_of(step)
         set_temperature(model, tau)
-        with _autocast(run.device, run.amp_dtype):
+        with autocast_for(run.device, run.amp_dtype):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.config.label_smoothing)
         value = loss.item()
@@ -413,12 +432,13 @@ def train_candidate(
         DynasError: a bad device / amp setting, or an unusable checkpoint.
     """
     config = config or TrainConfig()
-    with _num_threads(config.num_threads):
+    with torch_threads(config.num_threads):
         return _train(model, data, config, callback, schedule, checkpoint_path)
 
 
 @contextmanager
-def _num_threads(num_threads: int | None) -> Iterator[None]:
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block (``None``: leave it), and restore it afterwards."""
     previous = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)

@@ -47,12 +47,12 @@ from dynas.training import (
     EpochCallback,
     NonFiniteLossError,
     TrainConfig,
-    _amp_dtype,
-    _autocast,
-    _num_threads,
-    _param_groups,
-    _warmup_cosine,
+    amp_dtype_for,
+    autocast_for,
     resolve_device,
+    sgd_with_schedule,
+    torch_threads,
+    train_loader,
 )
 
 __all__ = [
@@ -225,38 +225,20 @@ def _setup(supernet: Supernet, data: DataBundle, config: SupernetTrainConfig, ra
             f"but got batch_size={cfg.batch_size}."
         )
     device = _process_device(cfg.device, world)
-    amp_dtype = _amp_dtype(cfg.amp, device)
+    amp_dtype = amp_dtype_for(cfg.amp, device)
     torch.manual_seed(cfg.seed)  # dropout; the same on every process
     generator = torch.Generator().manual_seed(cfg.seed)  # order, crops and flips: the same global batches everywhere
     supernet.to(device)
-    loader = BatchLoader(
-        data.train,
-        cfg.batch_size,
-        mean=data.mean,
-        std=data.std,
-        augmentation=data.augmentation if cfg.augment else None,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-        device=device,
-        max_batches=cfg.max_steps_per_epoch,
-    )
+    loader = train_loader(data, cfg, generator, device)
     steps = len(loader)
     total = cfg.epochs * steps
-    optimizer = torch.optim.SGD(
-        _param_groups(supernet, cfg.weight_decay),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=True,
-        fused=device.type in ("cpu", "cuda"),
-    )
+    optimizer, lr_scheduler = sgd_with_schedule(supernet, cfg, steps, device)
     # Zero momentum buffers up front: the first update of each is then grad, as when SGD creates
     # it lazily, but a parameter first used after step 1 (an operator that neither the largest
     # nor the smallest subnet has) does not mix buffers and None, which fused SGD refuses.
     for group in optimizer.param_groups:
         for param in group["params"]:
             optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(round(cfg.warmup_epochs * steps), total))
     model: torch.nn.Module = supernet
     if world > 1:
         # Each subnet leaves parts of the supernet unused; find_unused_parameters lets DDP reduce
@@ -303,7 +285,7 @@ def _sandwich_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, archs:
         # Gradients accumulate locally; DDP reduces them once, in the last subnet's backward.
         sync = nullcontext() if run.world == 1 or n == len(archs) - 1 else run.model.no_sync()
         with sync, run.supernet.activate(arch):
-            with _autocast(run.device, run.amp_dtype):
+            with autocast_for(run.device, run.amp_dtype):
                 logits = run.model(images).float()  # (B, num_classes)
             if teacher is None:
                 loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
@@ -441,7 +423,7 @@ def train_supernet(
         raise TypeError(f"`config` must be a SupernetTrainConfig, but got {type(config).__name__}.")
     rank, world, started = init_distributed(config.train.device)
     try:
-        with _num_threads(config.train.num_threads):
+        with torch_threads(config.train.num_threads):
             return _train(supernet, data, config, rank, world, run_dir, callback)
     finally:
         if started:
