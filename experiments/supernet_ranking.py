@@ -1,7 +1,8 @@
 """Does a supernet rank subnets as stand-alone training does? Kendall tau within a MAC band.
 
-1. Train a weight-sharing supernet of ``mobile_cifar`` (sandwich rule, in-place distillation;
-   :func:`dynas.supernet.train_supernet`), resumable in ``--out/supernet``.
+1. Train a weight-sharing supernet of ``--space`` (default ``mobile_cifar``; ``mobile_cifar_ops``
+   adds ODConv and DCD blocks) with the sandwich rule and in-place distillation
+   (:func:`dynas.supernet.train_supernet`), resumable in ``--out/supernet``.
 2. Sample ``--num-subnets`` subnets stratified over a MAC band (closed-form MACs at the data's
    resolution): ``--strata`` equal-width MAC bins, each holding as many static-only subnets (no
    dynamic block) as subnets drawn from the whole space (almost always mixed static / dynamic).
@@ -56,7 +57,8 @@ from dynas.spec import ArchSpec
 from dynas.supernet import Supernet, SupernetTrainConfig, score_subnet, train_supernet
 from dynas.supernet.train import SUPERNET_ANNEAL_FRACTION
 from dynas.training import TrainConfig, train_candidate
-from search_spaces.mobile import MobileCifarSpace
+from dynas.spaces import get_space
+from search_spaces.mobile import MobileSpace
 
 __all__ = ["Subnet", "build_parser", "kendall_tau", "main", "parse_band", "sample_in_band"]
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys)")
     add_data_args(parser, "resize images (default: native; 32 for digits)")
     band = parser.add_argument_group("subnets")
+    band.add_argument("--space", default="mobile_cifar", help="a registered mobile space, e.g. mobile_cifar_ops")
     band.add_argument("--mac-band", default="5M:15M", help="LOW:HIGH closed-form MACs at the data's resolution")
     band.add_argument("--num-subnets", type=int, default=16, help="subnets sampled in the band (>= 4)")
     band.add_argument("--strata", type=int, default=4, help="equal-width MAC bins of the band")
@@ -110,13 +113,14 @@ def parse_band(text: str) -> tuple[int, int]:
     return band
 
 
-def _static(space: MobileCifarSpace, params: dict[str, Any]) -> ArchSpec:
-    """The arch of ``params`` with every block static."""
-    return space.decode({k: (False if k.endswith("_dynamic") else v) for k, v in params.items()}).arch
+def _static(space: MobileSpace, params: dict[str, Any]) -> ArchSpec:
+    """The arch of ``params`` with every block static (``*_dynamic`` off, or a ``*_op`` of ``static``)."""
+    static = {k: False if k.endswith("_dynamic") else "static" if k.endswith("_op") else v for k, v in params.items()}
+    return space.decode(static).arch
 
 
 def sample_in_band(
-    space: MobileCifarSpace, band: tuple[int, int], num_subnets: int, strata: int, seed: int = 0, max_draws: int = 200_000
+    space: MobileSpace, band: tuple[int, int], num_subnets: int, strata: int, seed: int = 0, max_draws: int = 200_000
 ) -> list[Subnet]:
     """Distinct subnets stratified over ``band``: per MAC bin, static-only and dynamic alike.
 
@@ -273,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
     data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
                      input_size=args.input_size, seed=args.seed)
-    space = MobileCifarSpace(input_size=data.input_size, num_classes=data.num_classes)
+    space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
+    if not isinstance(space, MobileSpace):
+        raise DynasError(f"`--space` must be a mobile space (a supernet needs one), but got space={args.space!r}.")
     subnets = sample_in_band(space, band, args.num_subnets, args.strata, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -658,6 +658,16 @@ def test_subnets_are_stratified_over_the_mac_band_by_kind():
     assert all(cells.count(c) == 2 for c in set(cells))
 
 
+def test_the_ops_space_is_stratified_too_its_static_subnets_all_static():
+    ranking = _ranking()
+    subnets = ranking.sample_in_band(MobileCifarOpsSpace(input_size=SIZE), ranking.parse_band("0.8M:2.5M"), 4, 2, seed=1)
+    kinds = {s.kind for s in subnets}
+    assert kinds == {"static", "dynamic"}
+    for s in subnets:
+        ops = {b.op if b.is_dynamic else "static" for b in s.arch.blocks}
+        assert (ops == {"static"}) == (s.kind == "static")
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [("15M:5M", r"LOW < HIGH, such as 5M:15M, but got '15M:5M'"), ("5M", r"LOW:HIGH MACs"), ("5Q:9M", r"expected a count")],
