@@ -9,7 +9,10 @@ produce runs as a slice of it (see :mod:`dynas.supernet.elastic`):
 * ``s{i}_b{j}_expansion`` selects a prefix of the expanded channels (expansion 1: no expand conv);
 * ``s{i}_b{j}_se`` switches squeeze-excite on, with a prefix of its squeeze channels;
 * ``s{i}_b{j}_dynamic`` / ``s{i}_b{j}_num_kernels``: K kernels ``[:K]`` and their attention
-  logits; a static block (K = 1) uses kernel 0 and no attention.
+  logits; a static block (K = 1) uses kernel 0 and no attention;
+* ``s{i}_b{j}_op`` (``mobile_cifar_ops``) with ``s{i}_b{j}_num_kernels`` / ``_od_num_kernels``:
+  DY-conv or ODConv over the same kernels ``[:K]`` (each with its own attention), or DCD, whose
+  ``W0`` is kernel 0; ``static`` is kernel 0 alone.
 
 ``tau_start`` and ``anneal_fraction`` are training settings, not architecture: the supernet
 anneals tau on its own schedule (:func:`~dynas.supernet.train_supernet`) and scoring ignores them.
