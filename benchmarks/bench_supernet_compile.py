@@ -28,7 +28,9 @@ from dynas.supernet.train import sandwich
 from search_spaces.mobile import MobileCifarSpace
 
 
-def _steps(model: torch.nn.Module, supernet: Supernet, batches: list, steps: int, num_random: int) -> list[float]:
+def _steps(
+    model: torch.nn.Module, supernet: Supernet, batches: list, steps: int, num_random: int, label: str
+) -> list[float]:
     """Seconds of each sandwich step of ``model`` (``supernet`` or its compiled wrapper)."""
     optimizer = torch.optim.SGD(supernet.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     times = []
@@ -48,6 +50,7 @@ def _steps(model: torch.nn.Module, supernet: Supernet, batches: list, steps: int
                 loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
+        print(f"  {label} step {step + 1}: {times[-1]:.1f} s", flush=True)
     return times
 
 
@@ -71,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
          torch.randint(0, 10, (args.batch_size,), generator=gen))
         for _ in range(4)
     ]
-    eager = _steps(supernet, supernet, batches, args.steps, args.num_random)
+    eager = _steps(supernet, supernet, batches, args.steps, args.num_random, "eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = _steps(torch.compile(twin), twin, batches, args.steps, args.num_random)
+    compiled = _steps(torch.compile(twin), twin, batches, args.steps, args.num_random, "compiled")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     last = slice(-args.last, None)
     print(f"{args.steps} sandwich steps ({2 + args.num_random} subnets each), batch {args.batch_size}, "
