@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -656,6 +657,19 @@ def test_subnets_are_stratified_over_the_mac_band_by_kind():
     cells = [(s.stratum, s.kind) for s in subnets]
     assert sorted(set(cells)) == [(0, "dynamic"), (0, "static"), (1, "dynamic"), (1, "static")]
     assert all(cells.count(c) == 2 for c in set(cells))
+
+
+def test_standalone_runs_are_scored_after_bn_recalibration_and_reruns_skip_them(digits, tmp_path):
+    ranking = _ranking()
+    subnet = ranking.sample_in_band(_space(), ranking.parse_band("0.8M:2.5M"), 2, 1, seed=0)[0]
+    recipe = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, warmup_epochs=0.0, quiet=True, device="cpu")
+    path = tmp_path / "standalone.jsonl"
+    path.write_text(json.dumps({"arch": subnet.arch.to_str(), "seed": 0, "top1": 50.0, "seconds": 1.0}) + "\n")
+    done = ranking._standalone([subnet], digits, recipe, 1, path, calib_images=32, seed=0)
+    row = done[(subnet.arch.to_str(), 0)]
+    assert set(row) == {"top1", "top1_raw", "seconds"} and row["top1"] != 50.0  # the old raw-only row retrained
+    assert ranking._standalone([subnet], digits, recipe, 1, path, calib_images=32, seed=0) == done  # read back
+    assert len(path.read_text().splitlines()) == 2
 
 
 def test_the_ops_space_is_stratified_too_its_static_subnets_all_static():
