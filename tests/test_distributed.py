@@ -84,6 +84,47 @@ def _wait_for(predicate, timeout: float = 120, poll: float = 0.2) -> None:
     raise AssertionError("condition not reached in time")
 
 
+_OPEN = """
+import os, sys, time
+from dynas.engines.storage import make_storage
+go = sys.argv[1]
+for round_, url in enumerate(sys.argv[2:]):
+    print("ready", flush=True)
+    while not os.path.exists(f"{go}{round_}"):  # start together: the race is in the first milliseconds
+        time.sleep(0.002)
+    make_storage(url, heartbeat_interval=None)
+"""
+
+
+def test_workers_opening_a_fresh_database_together_all_succeed(tmp_path, postgres_url):
+    # Workers started together on an empty database race to create Optuna's tables and enum
+    # types; the losers must retry, not fail (CI saw "type studydirection already exists").
+    import sqlalchemy
+
+    from dynas.engines.storage import _with_driver
+
+    server = sqlalchemy.create_engine(_with_driver(postgres_url), isolation_level="AUTOCOMMIT")
+    base, names = postgres_url.rsplit("/", 1)[0], [f"fresh_{uuid.uuid4().hex[:10]}" for _ in range(5)]
+    try:
+        with server.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+        go = str(tmp_path / "go")
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN, go, *(f"{base}/{n}" for n in names)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+        for round_ in range(len(names)):
+            for proc in procs:
+                assert proc.stdout.readline().strip() == "ready", proc.communicate()[0]
+            Path(f"{go}{round_}").touch()
+        outs = [proc.communicate(timeout=120)[0] for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), "\n".join(outs)
+    finally:
+        with server.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        server.dispose()
+
+
 def test_three_workers_complete_exactly_n_trials(tmp_path, storage_url):
     name, n = f"w3-{uuid.uuid4().hex[:8]}", 7
     run_dir = tmp_path / "run"

@@ -170,6 +170,48 @@ def test_bad_storage_urls(url, match):
         make_storage(url)
 
 
+class _DriverError(Exception):
+    def __init__(self, message: str, pgcode: str) -> None:
+        super().__init__(message)
+        self.pgcode = pgcode
+
+
+@pytest.mark.parametrize("pgcode,message", [
+    ("42710", 'type "studydirection" already exists'),  # duplicate_object
+    ("42P07", 'relation "studies" already exists'),  # duplicate_table
+])
+def test_storage_retries_a_lost_race_to_create_the_tables(monkeypatch, pgcode, message):
+    import sqlalchemy
+
+    calls = []
+
+    def rdb(*args, **kwargs):
+        calls.append(args)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.ProgrammingError("CREATE ...", {}, _DriverError(message, pgcode))
+        return "storage"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", rdb)
+    monkeypatch.setattr("dynas.engines.storage.time.sleep", lambda s: None)
+    assert make_storage("postgresql://u@127.0.0.1:1/db") == "storage"
+    assert len(calls) == 3
+
+
+def test_storage_does_not_retry_other_database_errors(monkeypatch):
+    import sqlalchemy
+
+    calls = []
+
+    def rdb(*args, **kwargs):
+        calls.append(args)
+        raise sqlalchemy.exc.ProgrammingError("CREATE ...", {}, _DriverError("permission denied for schema public", "42501"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", rdb)
+    with pytest.raises(DynasError, match=r"cannot open storage 'postgresql://u@127.0.0.1:1/db': .*permission denied"):
+        make_storage("postgresql://u@127.0.0.1:1/db")
+    assert len(calls) == 1
+
+
 def test_bad_journal_paths(tmp_path):
     with pytest.raises(DynasError, match=r"`storage` must be a URL or the path of a journal file, .* a directory"):
         make_storage(str(tmp_path))

@@ -67,17 +67,40 @@ def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
                     heartbeat_stale_trial_callback=retry,
                     engine_kwargs={"pool_pre_ping": True, **_sqlite_engine_kwargs(url)},
                 )
-        except sqlalchemy.exc.IntegrityError:
+        except sqlalchemy.exc.DBAPIError as err:
+            if not _lost_schema_race(err):
+                raise DynasError(_open_error(url, err)) from None
             # Workers started together on a fresh database race to create Optuna's tables;
-            # the losers see a unique violation and find the tables there on the next try.
+            # the losers find the tables there on the next try.
             time.sleep(0.5 + random.random() * (attempt + 1))
         except Exception as err:  # sqlalchemy raises many types: unreachable host, bad driver, ...
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            password = _userinfo(url)[2]
-            if password:  # a driver may quote the URL it was given
-                first = first.replace(password, "***")
-            raise DynasError(f"cannot open storage {redact_url(url)!r}: {first}") from None
+            raise DynasError(_open_error(url, err)) from None
     raise DynasError(f"cannot open storage {redact_url(url)!r}: its tables could not be created (5 tries).")
+
+
+# SQLSTATEs of a lost race to create a schema: unique_violation (a row of the type catalogue),
+# duplicate_table, duplicate_object (PostgreSQL's enum types, such as Optuna's studydirection).
+_SCHEMA_RACE_SQLSTATES = {"23505", "42P07", "42710"}
+
+
+def _lost_schema_race(err: sqlalchemy.exc.DBAPIError) -> bool:
+    """Whether creating Optuna's tables failed because another worker created them first."""
+    if isinstance(err, sqlalchemy.exc.IntegrityError):
+        return True
+    orig = err.orig
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)  # psycopg2, psycopg 3
+    if code in _SCHEMA_RACE_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] == 1050  # MySQL: table already exists
+
+
+def _open_error(url: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    password = _userinfo(url)[2]
+    if password:  # a driver may quote the URL it was given
+        first = first.replace(password, "***")
+    return f"cannot open storage {redact_url(url)!r}: {first}"
 
 
 class JournalFileStorage(JournalStorage, BaseHeartbeat):
