@@ -204,21 +204,37 @@ def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig
     return supernet, recipe
 
 
+# What a stand-alone result depends on besides its arch and seed: a row is reused only by a
+# rerun with the same values (another recipe, calibration or data is trained again).
+STANDALONE_SETTING = (
+    "dataset", "data_root", "input_size", "val_fraction", "train_subset", "epochs", "batch_size", "lr",
+    "weight_decay", "tau_start", "anneal_fraction", "max_steps_per_epoch", "calib_images", "seed",
+)
+
+
+def standalone_setting(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of ``STANDALONE_SETTING`` in ``args`` (JSON-ready)."""
+    return {k: getattr(args, k) for k in STANDALONE_SETTING}
+
+
 def _standalone(
-    subnets: list[Subnet], data: DataBundle, recipe: TrainConfig, seeds: int, path: Path, calib_images: int, seed: int
+    subnets: list[Subnet], data: DataBundle, recipe: TrainConfig, seeds: int, path: Path, calib_images: int, seed: int,
+    setting: dict[str, Any] | None = None,
 ) -> dict:
     """(arch string, seed) -> {"top1", "top1_raw", "seconds"}; reads and appends ``path`` (rerun-safe).
 
     ``top1`` is measured as the supernet's subnets are: after recalibrating BatchNorm on
     ``calib_images`` seeded training images ("precise BN"); ``top1_raw`` with the running
     statistics training left. In a short run they can be far apart: a mobile_cifar_ops subnet
-    after 6 epochs of 10 steps on digits had 15.3% raw and 95.1% recalibrated val top-1.
+    after 6 epochs of 10 steps on digits had 15.3% raw and 95.1% recalibrated val top-1. Each
+    row records ``setting`` (:func:`standalone_setting`); rows of another setting are not reused.
     """
+    setting = setting if setting is not None else {"calib_images": calib_images, "seed": seed}
     done: dict[tuple[str, int], dict[str, float]] = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            if "top1_raw" in row:  # older rows (raw only) are trained again
+            if row.get("setting") == setting:  # older rows (raw only, or unrecorded setting) are trained again
                 done[(row["arch"], row["seed"])] = {k: row[k] for k in ("top1", "top1_raw", "seconds")}
     with path.open("a", encoding="utf-8") as out:
         for subnet in subnets:
@@ -232,7 +248,7 @@ def _standalone(
                 recalibrate_bn(model, data, calib_images, seed=seed, device=recipe.device)
                 top1 = evaluate(model.eval(), data, "val", device=recipe.device)
                 done[key] = {"top1": top1, "top1_raw": result.val_top1[-1], "seconds": result.train_seconds}
-                out.write(json.dumps({"arch": key[0], "seed": run_seed, **done[key]}) + "\n")
+                out.write(json.dumps({"arch": key[0], "seed": run_seed, **done[key], "setting": setting}) + "\n")
                 out.flush()
     return done
 
@@ -303,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
     scores = [score_subnet(supernet, s.arch, data, calib_images=args.calib_images, seed=args.seed,
                            device=args.device) for s in subnets]
-    standalone = _standalone(subnets, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed)
+    standalone = _standalone(subnets, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed,
+                             standalone_setting(args))
     rows = []
     for subnet, score in zip(subnets, scores):
         runs = [standalone[(subnet.arch.to_str(), seed)] for seed in range(args.seeds)]

@@ -670,6 +670,21 @@ def test_standalone_runs_are_scored_after_bn_recalibration_and_reruns_skip_them(
     assert set(row) == {"top1", "top1_raw", "seconds"} and row["top1"] != 50.0  # the old raw-only row retrained
     assert ranking._standalone([subnet], digits, recipe, 1, path, calib_images=32, seed=0) == done  # read back
     assert len(path.read_text().splitlines()) == 2
+    # another calibration (or recipe) is another measurement: trained again, the first row kept
+    other = ranking._standalone([subnet], digits, recipe, 1, path, calib_images=48, seed=0)
+    assert len(path.read_text().splitlines()) == 3
+    assert ranking._standalone([subnet], digits, recipe, 1, path, calib_images=48, seed=0) == other
+    assert ranking._standalone([subnet], digits, recipe, 1, path, calib_images=32, seed=0) == done
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_standalone_setting_holds_what_a_result_depends_on():
+    ranking = _ranking()
+    args = ranking.build_parser().parse_args(["--epochs", "7", "--calib-images", "99"])
+    setting = ranking.standalone_setting(args)
+    assert setting["epochs"] == 7 and setting["calib_images"] == 99
+    assert {"supernet_epochs", "num_random", "num_threads", "out"}.isdisjoint(setting)  # not the stand-alone runs'
+    json.dumps(setting)
 
 
 def test_the_ops_space_is_stratified_too_its_static_subnets_all_static():
