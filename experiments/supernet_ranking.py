@@ -219,7 +219,7 @@ def standalone_setting(args: argparse.Namespace) -> dict[str, Any]:
 
 def _standalone(
     subnets: list[Subnet], data: DataBundle, recipe: TrainConfig, seeds: int, path: Path, calib_images: int, seed: int,
-    setting: dict[str, Any] | None = None,
+    setting: dict[str, Any],
 ) -> dict:
     """(arch string, seed) -> {"top1", "top1_raw", "seconds"}; reads and appends ``path`` (rerun-safe).
 
@@ -229,7 +229,6 @@ def _standalone(
     after 6 epochs of 10 steps on digits had 15.3% raw and 95.1% recalibrated val top-1. Each
     row records ``setting`` (:func:`standalone_setting`); rows of another setting are not reused.
     """
-    setting = setting if setting is not None else {"calib_images": calib_images, "seed": seed}
     done: dict[tuple[str, int], dict[str, float]] = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
