@@ -7,10 +7,22 @@ The scripts import it as a sibling module (``python experiments/x.py`` puts this
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 from dynas.data import DATASETS
+from dynas.errors import DynasError
 
-__all__ = ["add_data_args", "add_run_args", "seed_list"]
+__all__ = ["add_data_args", "add_run_args", "run", "seed_list"]
+
+
+def run(main: Callable[[], int]) -> int:
+    """``main()``'s exit code; a :class:`DynasError` (bad input) is one ``dynas: error:`` line and 2, as the CLI does."""
+    try:
+        return main()
+    except DynasError as err:
+        print(f"dynas: error: {err}", file=sys.stderr)
+        return 2
 
 
 def add_data_args(parser: argparse.ArgumentParser, input_size_help: str = "resize images (default: native)") -> None:

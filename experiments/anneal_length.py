@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _args import run
 
 from dynas.baselines import baselines
 from dynas.budget import Budget
@@ -111,4 +112,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -47,6 +47,8 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from _args import run
+
 from dynas.cost import closed_form_macs, closed_form_params, format_count
 from dynas.counting import count_macs
 from dynas.presets import get_preset, mobilenet_v3_small
@@ -236,4 +238,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _args import add_data_args, add_run_args, seed_list
+from _args import add_data_args, add_run_args, run, seed_list
 
 import dynas
 from dynas.builder import build_model
@@ -221,4 +221,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

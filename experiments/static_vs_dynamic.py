@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _args import add_data_args, add_run_args, seed_list
+from _args import add_data_args, add_run_args, run, seed_list
 
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
@@ -279,4 +279,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -31,7 +31,9 @@ A smoke run (seconds; digits at 16x16, where MACs are a quarter of 32x32's)::
 
 Stand-alone results are appended to ``--out/standalone.jsonl`` as they finish, and a rerun skips
 those already there; ``results.jsonl`` (one row per subnet), ``summary.json`` and
-``config.yaml`` are written at the end.
+``config.yaml`` are written at the end. ``--shard I/N`` splits the stand-alone runs over N copies
+of the command on one ``--out`` (one core each, ``--num-threads 1``; the supernet trained first):
+copy I trains every N-th run from the I-th, and the last copy to finish writes the results.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _args import add_data_args, add_run_args
+from _args import add_data_args, add_run_args, run
 
 from dynas.builder import build_model
 from dynas.config import apply_config, write_resolved
@@ -99,7 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anneal-fraction", type=float, default=SUPERNET_ANNEAL_FRACTION, help="share of steps annealing tau to 1")
     add_run_args(train, "data split, sampling, supernet, calibration")
     parser.add_argument("--out", default="runs/supernet_ranking", help="folder for the supernet and the results")
+    parser.add_argument(
+        "--shard", default="0/1",
+        help="I/N: train only every N-th stand-alone run, from the I-th (run N copies with I = 0..N-1 "
+             "on one --out to use N cores; the last to finish writes the results)",
+    )
     return parser
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/2"`` -> ``(1, 2)``: shard index I and count N, 0 <= I < N."""
+    index, sep, count = str(text).partition("/")
+    try:
+        shard = (int(index), int(count)) if sep else None
+    except ValueError:
+        shard = None
+    if shard is None or not 0 <= shard[0] < shard[1]:
+        raise DynasError(f"`--shard` must be I/N with 0 <= I < N, such as 0/2, but got {text!r}.")
+    return shard
 
 
 def parse_band(text: str) -> tuple[int, int]:
@@ -219,9 +238,13 @@ def standalone_setting(args: argparse.Namespace) -> dict[str, Any]:
 
 def _standalone(
     subnets: list[Subnet], data: DataBundle, recipe: TrainConfig, seeds: int, path: Path, calib_images: int, seed: int,
-    setting: dict[str, Any],
+    setting: dict[str, Any], shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """(arch string, seed) -> {"top1", "top1_raw", "seconds"}; reads and appends ``path`` (rerun-safe).
+
+    With ``shard = (i, n)`` only the runs whose position in (subnet, seed) order is ``i`` mod ``n``
+    are trained here; the others are whatever ``path`` holds (other shards append to it too, a
+    line per write). The result may then lack runs: the caller checks.
 
     ``top1`` is measured as the supernet's subnets are: after recalibrating BatchNorm on
     ``calib_images`` seeded training images ("precise BN"); ``top1_raw`` with the running
@@ -230,25 +253,30 @@ def _standalone(
     row records ``setting`` (:func:`standalone_setting`); rows of another setting are not reused.
     """
     done: dict[tuple[str, int], dict[str, float]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("setting") == setting:  # older rows (raw only, or unrecorded setting) are trained again
-                done[(row["arch"], row["seed"])] = {k: row[k] for k in ("top1", "top1_raw", "seconds")}
+
+    def read() -> None:
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                if row.get("setting") == setting:  # older rows (raw only, or unrecorded setting) are trained again
+                    done[(row["arch"], row["seed"])] = {k: row[k] for k in ("top1", "top1_raw", "seconds")}
+
+    read()
+    index, count = shard
     with path.open("a", encoding="utf-8") as out:
-        for subnet in subnets:
-            for run_seed in range(seeds):
-                key = (subnet.arch.to_str(), run_seed)
-                if key in done:
-                    continue
-                torch.manual_seed(run_seed)  # the init; the config's seed draws order, crops and dropout
-                model = build_model(subnet.arch)
-                result = train_candidate(model, data, dataclasses.replace(recipe, seed=run_seed))
-                recalibrate_bn(model, data, calib_images, seed=seed, device=recipe.device)
-                top1 = evaluate(model.eval(), data, "val", device=recipe.device)
-                done[key] = {"top1": top1, "top1_raw": result.val_top1[-1], "seconds": result.train_seconds}
-                out.write(json.dumps({"arch": key[0], "seed": run_seed, **done[key], "setting": setting}) + "\n")
-                out.flush()
+        for position, (subnet, run_seed) in enumerate((s, r) for s in subnets for r in range(seeds)):
+            key = (subnet.arch.to_str(), run_seed)
+            if key in done or position % count != index:
+                continue
+            torch.manual_seed(run_seed)  # the init; the config's seed draws order, crops and dropout
+            model = build_model(subnet.arch)
+            result = train_candidate(model, data, dataclasses.replace(recipe, seed=run_seed))
+            recalibrate_bn(model, data, calib_images, seed=seed, device=recipe.device)
+            top1 = evaluate(model.eval(), data, "val", device=recipe.device)
+            done[key] = {"top1": top1, "top1_raw": result.val_top1[-1], "seconds": result.train_seconds}
+            out.write(json.dumps({"arch": key[0], "seed": run_seed, **done[key], "setting": setting}) + "\n")
+            out.flush()
+    read()  # what the other shards finished meanwhile
     return done
 
 
@@ -300,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_config(parser, pre.config)
     args = parser.parse_args(argv)
     band = parse_band(args.mac_band)
+    shard = parse_shard(args.shard)
     if args.seeds < 1:
         raise DynasError(f"`--seeds` must be an integer >= 1, but got seeds={args.seeds}.")
     subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
@@ -319,7 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = [score_subnet(supernet, s.arch, data, calib_images=args.calib_images, seed=args.seed,
                            device=args.device) for s in subnets]
     standalone = _standalone(subnets, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed,
-                             standalone_setting(args))
+                             standalone_setting(args), shard)
+    missing = [(s.arch.to_str(), seed) for s in subnets for seed in range(args.seeds)
+               if (s.arch.to_str(), seed) not in standalone]
+    if missing:  # another shard is still training them
+        print(f"shard {args.shard}: done; {len(missing)} stand-alone runs are left to the other shards, and the "
+              f"last of them to finish writes the results (or rerun with --shard 0/1 when they have).")
+        return 0
     rows = []
     for subnet, score in zip(subnets, scores):
         runs = [standalone[(subnet.arch.to_str(), seed)] for seed in range(args.seeds)]
@@ -347,4 +382,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -160,3 +160,28 @@ def test_anneal_length_trains_each_fraction_and_the_static_twin(tmp_path, capsys
     assert "static (K = 1)" in capsys.readouterr().out
     static = script.with_kernels(script.networks("mobile_cifar", 16, 10, 1.5e6)["dynamic"], 1)
     assert {b.num_kernels for b in static.blocks} == {1} and closed_form_macs(static) < 1.5e6
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("supernet_ranking", ["--shard", "2/2"], "`--shard` must be I/N with 0 <= I < N, such as 0/2, but got '2/2'."),
+        ("supernet_ranking", ["--mac-band", "5M:1M"], "`--mac-band` must be LOW:HIGH MACs with LOW < HIGH"),
+        ("static_vs_dynamic", ["--dataset", "npz", "--data-root", "{missing}"], "npz file '{missing}' does not exist."),
+        ("anneal_length", ["--dataset", "npz", "--data-root", "{missing}"], "npz file '{missing}' does not exist."),
+        ("search_vs_baselines", ["--dataset", "npz", "--data-root", "{missing}", "--max-macs", "1M"],
+         "npz file '{missing}' does not exist."),
+    ],
+)
+def test_a_script_refuses_bad_input_in_one_line_and_writes_nothing(script, argv, message, tmp_path):
+    import subprocess
+
+    missing = str(tmp_path / "missing.npz")
+    out = tmp_path / "out"
+    argv = [a.format(missing=missing) for a in argv] + ["--out", str(out)]
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / f"{script}.py"), *argv], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()  # one line, no traceback
+    assert line.startswith(f"dynas: error: {message.format(missing=missing)}"), line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import os
 import socket
 from pathlib import Path
@@ -709,3 +710,25 @@ def test_a_bad_mac_band_is_refused(text, match):
 def test_a_band_the_space_cannot_fill_is_refused():
     with pytest.raises(DynasError, match=r"`--mac-band` 100:200 is barely reached by 'mobile_cifar': after 5 draws"):
         _ranking().sample_in_band(_space(), (100, 200), 4, 2, max_draws=5)
+
+
+def test_shards_split_the_standalone_runs_and_each_reads_the_others(digits, tmp_path):
+    ranking = _ranking()
+    subnets = ranking.sample_in_band(_space(), ranking.parse_band("0.8M:2.5M"), 2, 1, seed=0)
+    recipe = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, warmup_epochs=0.0, quiet=True, device="cpu")
+    path, setting = tmp_path / "standalone.jsonl", {"calib_images": 16}
+    first = ranking._standalone(subnets, digits, recipe, 2, path, 16, 0, setting, shard=(0, 2))
+    # positions 0 and 2 of (subnet, seed) order: every subnet's seed 0, no seed 1
+    assert sorted(first) == sorted((s.arch.to_str(), 0) for s in subnets)
+    both = ranking._standalone(subnets, digits, recipe, 2, path, 16, 0, setting, shard=(1, 2))
+    assert len(both) == 4 and {k: both[k] for k in first} == first  # shard 1 trained seed 1 and read shard 0's rows
+    assert len(path.read_text().splitlines()) == 4
+    assert ranking._standalone(subnets, digits, recipe, 2, path, 16, 0, setting) == both  # nothing left to train
+    assert len(path.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "1", "a/b", "0/0"])
+def test_a_bad_shard_is_refused(text):
+    with pytest.raises(DynasError, match=rf"`--shard` must be I/N with 0 <= I < N, such as 0/2, but got '{re.escape(text)}'"):
+        _ranking().parse_shard(text)
+    assert _ranking().parse_shard("1/3") == (1, 3)
