@@ -243,7 +243,7 @@ def evaluate(
 
 
 @torch.no_grad()
-def _attention_entropy(model: nn.Module, data: DataBundle, run: _Run) -> dict[str, float]:
+def _attention_entropy(model: nn.Module, data: DataBundle, run: TrainLoop) -> dict[str, float]:
     """Mean attention entropy (nats) of every dynamic layer on the first validation batch."""
     layers = dynamic_layers(model)
     if not layers:
@@ -328,8 +328,9 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
 
 
 @dataclass
-class _Run:
-    """Everything one training run carries from step to step."""
+class TrainLoop:
+    """What a training loop carries from step to step: its recipe, device, batches, schedules and
+    optimizer. :func:`train_candidate` and the supernet trainer each build one with :func:`train_loop`."""
 
     config: TrainConfig
     device: torch.device
@@ -350,24 +351,26 @@ class _Run:
         return self.config.epochs * self.steps_per_epoch
 
 
-def _setup(model: nn.Module, data: DataBundle, config: TrainConfig, schedule: TemperatureSchedule | None) -> _Run:
-    check_train_batches(config.batch_size, len(data.train))
-    device = resolve_device(config.device)
+def train_loop(
+    model: nn.Module, data: DataBundle, config: TrainConfig, device: torch.device,
+    schedule: TemperatureSchedule | None = None,
+) -> TrainLoop:
+    """``config``'s loop for ``model`` on ``device`` (moved there): seeded batches of ``data``, the
+    optimizer and lr schedule (:func:`sgd_with_schedule`), ``schedule`` or the config's τ schedule."""
     amp_dtype = amp_dtype_for(config.amp, device)
     torch.manual_seed(config.seed)  # dropout and anything else drawing from the global RNG
     generator = torch.Generator().manual_seed(config.seed)  # order, crops and flips
     model.to(device)
     loader = train_loader(data, config, generator, device)
     steps = len(loader)
-    total = config.epochs * steps
     optimizer, lr_scheduler = sgd_with_schedule(model, config, steps, device)
-    return _Run(
+    return TrainLoop(
         config=config,
         device=device,
         amp_dtype=amp_dtype,
         loader=loader,
         generator=generator,
-        tau_of=schedule or config.temperature_schedule(steps, total),
+        tau_of=schedule or config.temperature_schedule(steps, config.epochs * steps),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         # Loss scaling is only needed for fp16; bf16 has fp32's exponent range.
@@ -375,7 +378,7 @@ def _setup(model: nn.Module, data: DataBundle, config: TrainConfig, schedule: Te
     )
 
 
-def _train_epoch(model: nn.Module, run: _Run, epoch: int) -> float:
+def _train_epoch(model: nn.Module, run: TrainLoop, epoch: int) -> float:
     """One pass over the training batches (``epoch`` is 0-based); returns the mean loss."""
     model.train()
     total = 0.0
@@ -456,7 +459,8 @@ def _train(
     schedule: TemperatureSchedule | None,
     checkpoint_path: str | os.PathLike[str] | None,
 ) -> TrainResult:
-    run = _setup(model, data, config, schedule)
+    check_train_batches(config.batch_size, len(data.train))
+    run = train_loop(model, data, config, resolve_device(config.device), schedule)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     history = _load_checkpoint(path, model, run) if path is not None and path.exists() else _History()
     epochs = tqdm(range(len(history.val_top1), config.epochs), desc="epochs", unit="epoch", disable=config.quiet)
@@ -478,7 +482,7 @@ def _train(
     return _result(model, data, run, history)
 
 
-def _result(model: nn.Module, data: DataBundle, run: _Run, history: _History) -> TrainResult:
+def _result(model: nn.Module, data: DataBundle, run: TrainLoop, history: _History) -> TrainResult:
     tau = run.tau_of(len(history.val_top1) * run.steps_per_epoch)
     set_temperature(model, tau)
     return TrainResult(
@@ -499,7 +503,7 @@ def _result(model: nn.Module, data: DataBundle, run: _Run, history: _History) ->
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(path: Path, model: nn.Module, run: _Run, history: _History) -> None:
+def _save_checkpoint(path: Path, model: nn.Module, run: TrainLoop, history: _History) -> None:
     """Write the resumable state; a crash mid-write leaves the previous checkpoint intact."""
     state = {
         "model": model.state_dict(),
@@ -518,7 +522,7 @@ def _save_checkpoint(path: Path, model: nn.Module, run: _Run, history: _History)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, run: _Run) -> _History:
+def _load_checkpoint(path: Path, model: nn.Module, run: TrainLoop) -> _History:
     """Restore the state saved by :func:`_save_checkpoint`; returns the history so far."""
     try:
         state = torch.load(path, map_location=run.device, weights_only=True)

@@ -47,12 +47,11 @@ from dynas.training import (
     EpochCallback,
     NonFiniteLossError,
     TrainConfig,
-    amp_dtype_for,
+    TrainLoop,
     autocast_for,
     resolve_device,
-    sgd_with_schedule,
     torch_threads,
-    train_loader,
+    train_loop,
 )
 
 __all__ = [
@@ -198,22 +197,7 @@ class _Run:
     model: torch.nn.Module  # the supernet, or its DistributedDataParallel wrapper
     rank: int
     world: int
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    loader: BatchLoader
-    generator: torch.Generator
-    tau_of: TemperatureSchedule
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.loader)
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.train.epochs * self.steps_per_epoch
+    loop: TrainLoop  # config.train's device, batches, schedules and optimizer
 
 
 def _setup(supernet: Supernet, data: DataBundle, config: SupernetTrainConfig, rank: int, world: int) -> _Run:
@@ -225,41 +209,21 @@ def _setup(supernet: Supernet, data: DataBundle, config: SupernetTrainConfig, ra
             f"but got batch_size={cfg.batch_size}."
         )
     device = _process_device(cfg.device, world)
-    amp_dtype = amp_dtype_for(cfg.amp, device)
-    torch.manual_seed(cfg.seed)  # dropout; the same on every process
-    generator = torch.Generator().manual_seed(cfg.seed)  # order, crops and flips: the same global batches everywhere
-    supernet.to(device)
-    loader = train_loader(data, cfg, generator, device)
-    steps = len(loader)
-    total = cfg.epochs * steps
-    optimizer, lr_scheduler = sgd_with_schedule(supernet, cfg, steps, device)
+    # One seed on every process: the same dropout, and the same global batches everywhere.
+    loop = train_loop(supernet, data, cfg, device)
     # Zero momentum buffers up front: the first update of each is then grad, as when SGD creates
     # it lazily, but a parameter first used after step 1 (an operator that neither the largest
     # nor the smallest subnet has) does not mix buffers and None, which fused SGD refuses.
-    for group in optimizer.param_groups:
+    for group in loop.optimizer.param_groups:
         for param in group["params"]:
-            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            loop.optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
     model: torch.nn.Module = supernet
     if world > 1:
         # Each subnet leaves parts of the supernet unused; find_unused_parameters lets DDP reduce
         # the gradients the sandwich accumulated (under no_sync) over all of its subnets.
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(supernet, device_ids=ids, find_unused_parameters=True)
-    return _Run(
-        config=config,
-        supernet=supernet,
-        model=model,
-        rank=rank,
-        world=world,
-        device=device,
-        amp_dtype=amp_dtype,
-        loader=loader,
-        generator=generator,
-        tau_of=cfg.temperature_schedule(steps, total),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-    )
+    return _Run(config=config, supernet=supernet, model=model, rank=rank, world=world, loop=loop)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -285,7 +249,7 @@ def _sandwich_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, archs:
         # Gradients accumulate locally; DDP reduces them once, in the last subnet's backward.
         sync = nullcontext() if run.world == 1 or n == len(archs) - 1 else run.model.no_sync()
         with sync, run.supernet.activate(arch):
-            with autocast_for(run.device, run.amp_dtype):
+            with autocast_for(run.loop.device, run.loop.amp_dtype):
                 logits = run.model(images).float()  # (B, num_classes)
             if teacher is None:
                 loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
@@ -294,7 +258,7 @@ def _sandwich_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, archs:
                 loss = -(teacher * logits.log_softmax(dim=1)).sum(dim=1).mean()
             else:
                 loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-            run.scaler.scale(loss).backward()
+            run.loop.scaler.scale(loss).backward()
         losses.append(loss.detach())
     return torch.stack(losses)
 
@@ -302,15 +266,15 @@ def _sandwich_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, archs:
 def _train_epoch(run: _Run, epoch: int) -> float:
     """One pass (``epoch`` 0-based); returns the largest subnet's mean loss over all processes."""
     run.model.train()
-    total = torch.zeros((), device=run.device)
+    total = torch.zeros((), device=run.loop.device)
     quiet = run.config.train.quiet or run.rank != 0
-    bar = tqdm(run.loader, desc=f"supernet epoch {epoch + 1}", unit="step", leave=False, disable=quiet)
+    bar = tqdm(run.loop.loader, desc=f"supernet epoch {epoch + 1}", unit="step", leave=False, disable=quiet)
     for i, (images, labels) in enumerate(bar):
-        step = epoch * run.steps_per_epoch + i
-        tau = run.tau_of(step)
+        step = epoch * run.loop.steps_per_epoch + i
+        tau = run.loop.tau_of(step)
         run.supernet.temperature = tau
         archs = sandwich(run.supernet, step, run.config.num_random, run.config.train.seed)
-        run.optimizer.zero_grad(set_to_none=True)
+        run.loop.optimizer.zero_grad(set_to_none=True)
         # This process' share of the global batch.
         losses = _sandwich_step(run, images[run.rank :: run.world], labels[run.rank :: run.world], archs)
         losses = _all_mean(losses, run.world)  # every process stops together on a bad loss
@@ -320,12 +284,12 @@ def _train_epoch(run: _Run, epoch: int) -> float:
                 f"supernet training loss is {float(losses[bad])} for subnet {archs[bad].to_str()!r} at epoch "
                 f"{epoch + 1}, step {i + 1} (optimizer step {step}, tau={tau:g}); a lower `lr` may help."
             )
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.lr_scheduler.step()
+        run.loop.scaler.step(run.loop.optimizer)
+        run.loop.scaler.update()
+        run.loop.lr_scheduler.step()
         total += losses[0]
         bar.set_postfix(loss=f"{float(losses[0]):.3f}", tau=f"{tau:.2f}", refresh=False)
-    return float(total) / run.steps_per_epoch
+    return float(total) / run.loop.steps_per_epoch
 
 
 def _validate(run: _Run, data: DataBundle) -> tuple[float, float]:
@@ -336,7 +300,7 @@ def _validate(run: _Run, data: DataBundle) -> tuple[float, float]:
     tops = (math.nan, math.nan)
     if run.rank == 0:
         cfg = run.config.train
-        kwargs = {"calib_images": n, "seed": cfg.seed, "batch_size": cfg.eval_batch_size, "device": run.device}
+        kwargs = {"calib_images": n, "seed": cfg.seed, "batch_size": cfg.eval_batch_size, "device": run.loop.device}
         archs = (run.supernet.largest, run.supernet.smallest)
         tops = tuple(score_subnet(run.supernet, a, data, amp=cfg.amp, **kwargs).top1 for a in archs)
     return _from_rank0(tops, run.world)
@@ -350,12 +314,12 @@ def _save_checkpoint(path: Path, run: _Run, history: _History) -> None:
         "format": _CHECKPOINT_FORMAT,
         **run.supernet.identity(),
         "supernet": run.supernet.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "lr_scheduler": run.lr_scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "generator": run.generator.get_state(),
+        "optimizer": run.loop.optimizer.state_dict(),
+        "lr_scheduler": run.loop.lr_scheduler.state_dict(),
+        "scaler": run.loop.scaler.state_dict(),
+        "generator": run.loop.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
-        "total_steps": run.total_steps,
+        "total_steps": run.loop.total_steps,
         "history": asdict(history),
     }
     atomic_save(state, path)
@@ -364,23 +328,23 @@ def _save_checkpoint(path: Path, run: _Run, history: _History) -> None:
 def _load_checkpoint(path: Path, run: _Run) -> _History:
     """Restore the state :func:`_save_checkpoint` wrote; returns the history so far."""
     what = f"supernet checkpoint {str(path)!r}"
-    state = read_torch_file(path, what, run.device)
+    state = read_torch_file(path, what, run.loop.device)
     if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
         raise DynasError(
             f"{what} is not a supernet checkpoint: `format` must be {_CHECKPOINT_FORMAT!r}; use another run_dir."
         )
     run.supernet.check_identity(state, what)
-    if state.get("total_steps") != run.total_steps:
+    if state.get("total_steps") != run.loop.total_steps:
         raise DynasError(
-            f"{what} is of a run with total_steps={state.get('total_steps')}, but this run has {run.total_steps}; "
+            f"{what} is of a run with total_steps={state.get('total_steps')}, but this run has {run.loop.total_steps}; "
             "use the same epochs / batch size / data, or another run_dir."
         )
     try:
         run.supernet.load_state_dict(state["supernet"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        run.scaler.load_state_dict(state["scaler"])
-        run.generator.set_state(state["generator"].cpu())
+        run.loop.optimizer.load_state_dict(state["optimizer"])
+        run.loop.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        run.loop.scaler.load_state_dict(state["scaler"])
+        run.loop.generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         return _History(**state["history"])
     except Exception as err:  # a damaged or hand-edited checkpoint
@@ -448,7 +412,7 @@ def _train(
     for epoch in tqdm(epochs, desc="supernet", unit="epoch", disable=config.train.quiet or rank != 0):
         start = time.perf_counter()
         loss = _train_epoch(run, epoch)
-        supernet.temperature = run.tau_of((epoch + 1) * run.steps_per_epoch)
+        supernet.temperature = run.loop.tau_of((epoch + 1) * run.loop.steps_per_epoch)
         largest, smallest = _validate(run, data)
         history.train_loss.append(loss)
         history.val_top1_largest.append(largest)
@@ -470,7 +434,7 @@ def _progress(run: _Run, history: _History) -> dict[str, Any]:
     return {
         "epochs_done": done,
         "epochs": run.config.train.epochs,
-        "steps_done": done * run.steps_per_epoch,
+        "steps_done": done * run.loop.steps_per_epoch,
         "world_size": run.world,
         **asdict(history),
     }
@@ -478,7 +442,7 @@ def _progress(run: _Run, history: _History) -> dict[str, Any]:
 
 def _finish(run: _Run, history: _History, stopped: bool, out: Path | None) -> SupernetTrainResult:
     supernet = run.supernet
-    tau = run.tau_of(len(history.train_loss) * run.steps_per_epoch)
+    tau = run.loop.tau_of(len(history.train_loss) * run.loop.steps_per_epoch)
     supernet.temperature = tau
     supernet.progress = {**_progress(run, history), "stopped": stopped}
     supernet.eval()
@@ -502,6 +466,6 @@ def _finish(run: _Run, history: _History, stopped: bool, out: Path | None) -> Su
         stopped=stopped,
         tau_end=float(tau),
         world_size=run.world,
-        device=str(run.device),
+        device=str(run.loop.device),
         path=path,
     )
