@@ -13,7 +13,9 @@
 5. Report Kendall tau (within the band) between supernet and stand-alone top-1, against the
    stand-alone seed-to-seed tau (the ceiling a proxy can reach) and MACs alone (the floor), the
    tau within static-only and within dynamic subnets, and seconds per scored candidate against
-   seconds per stand-alone training.
+   seconds per stand-alone training. With ``--proxy-epochs E`` each subnet is also trained E
+   epochs, the proxy a scratch search trains, and one such run per subnet is ranked against the
+   same truth: the supernet's rival at its own cost.
 
 The sampled ``tau_start`` / ``anneal_fraction`` choices play no part: every network anneals tau
 from ``--tau-start`` over ``--anneal-fraction`` of its steps. On the shared JPEG (q75) CIFAR-10
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("training (the recipe of both)")
     train.add_argument("--epochs", type=int, default=10, help="stand-alone epochs")
     train.add_argument("--seeds", type=int, default=2, help="stand-alone seeds per subnet (>= 2 for the ceiling)")
+    train.add_argument(
+        "--proxy-epochs", type=int, default=None,
+        help="also train each subnet this many epochs, a scratch search's proxy, and rank it against the truth too",
+    )
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=0.05)
     train.add_argument("--weight-decay", type=float, default=4e-5)
@@ -290,6 +296,20 @@ def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) ->
                 for i in range(seeds - 1)]
     score_s = sum(r["score_seconds"] for r in rows) / len(rows)
     train_s = sum(sum(r["standalone_seconds"]) / seeds for r in rows) / len(rows)
+    proxy = {}
+    if rows and "proxy_top1" in rows[0]:
+        # One proxy run per candidate, as a scratch search trains: tau of each seed's, averaged.
+        def proxy_tau(subset: list[dict[str, Any]]) -> float:
+            taus = [kendall_tau([r["proxy_top1"][i] for r in subset], [r["standalone_top1_mean"] for r in subset])
+                    for i in range(seeds)]
+            return sum(taus) / len(taus)
+
+        proxy = {
+            "kendall_tau_proxy": proxy_tau(rows),
+            "kendall_tau_proxy_static": proxy_tau(static),
+            "kendall_tau_proxy_dynamic": proxy_tau(dynamic),
+            "seconds_per_proxy_training": sum(sum(r["proxy_seconds"]) / seeds for r in rows) / len(rows),
+        }
     return {
         "subnets": len(rows),
         "static_subnets": len(static),
@@ -302,6 +322,7 @@ def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) ->
         "seconds_per_scored_subnet": score_s,
         "seconds_per_standalone_training": train_s,
         "supernet_train_seconds": supernet_seconds,
+        **proxy,
     }
 
 
@@ -317,6 +338,13 @@ def _report(summary: dict[str, Any], band: tuple[int, int]) -> str:
         f"seconds per scored subnet: {summary['seconds_per_scored_subnet']:.2f}; per stand-alone training: "
         f"{summary['seconds_per_standalone_training']:.1f}; supernet training: {summary['supernet_train_seconds']:.0f}",
     ]
+    if "kendall_tau_proxy" in summary:
+        lines += [
+            f"scratch proxy (one run per subnet) vs stand-alone: {summary['kendall_tau_proxy']:+.3f}",
+            f"  within static-only / dynamic subnets:    {summary['kendall_tau_proxy_static']:+.3f} / "
+            f"{summary['kendall_tau_proxy_dynamic']:+.3f}",
+            f"seconds per proxy training: {summary['seconds_per_proxy_training']:.1f}",
+        ]
     return "\n".join(lines)
 
 
@@ -331,6 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shard = parse_shard(args.shard)
     if args.seeds < 1:
         raise DynasError(f"`--seeds` must be an integer >= 1, but got seeds={args.seeds}.")
+    if args.proxy_epochs is not None and not 1 <= args.proxy_epochs < args.epochs:
+        raise DynasError(
+            f"`--proxy-epochs` must be an integer in [1, --epochs) (a shorter run than the truth's "
+            f"{args.epochs} epochs), but got proxy_epochs={args.proxy_epochs}."
+        )
     subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
     data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
                      input_size=args.input_size, seed=args.seed)
@@ -347,10 +380,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
     scores = [score_subnet(supernet, s.arch, data, calib_images=args.calib_images, seed=args.seed,
                            device=args.device) for s in subnets]
+    setting = standalone_setting(args)
     standalone = _standalone(subnets, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed,
-                             standalone_setting(args), shard)
-    missing = [(s.arch.to_str(), seed) for s in subnets for seed in range(args.seeds)
-               if (s.arch.to_str(), seed) not in standalone]
+                             setting, shard)
+    runs_of = {"standalone": standalone}
+    if args.proxy_epochs is not None:  # the same rows file: a proxy run is a stand-alone run of other epochs
+        runs_of["proxy"] = _standalone(
+            subnets, data, dataclasses.replace(recipe, epochs=args.proxy_epochs), args.seeds, out / "standalone.jsonl",
+            args.calib_images, args.seed, {**setting, "epochs": args.proxy_epochs}, shard,
+        )
+    missing = [(s.arch.to_str(), seed) for runs in runs_of.values() for s in subnets for seed in range(args.seeds)
+               if (s.arch.to_str(), seed) not in runs]
     if missing:  # another shard is still training them
         print(f"shard {args.shard}: done; {len(missing)} stand-alone runs are left to the other shards, and the "
               f"last of them to finish writes the results (or rerun with --shard 0/1 when they have).")
@@ -358,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for subnet, score in zip(subnets, scores):
         runs = [standalone[(subnet.arch.to_str(), seed)] for seed in range(args.seeds)]
+        proxy = {}
+        if "proxy" in runs_of:
+            proxies = [runs_of["proxy"][(subnet.arch.to_str(), seed)] for seed in range(args.seeds)]
+            proxy = {"proxy_top1": [r["top1"] for r in proxies], "proxy_seconds": [r["seconds"] for r in proxies]}
         rows.append({
             "arch": subnet.arch.to_str(),
             "kind": subnet.kind,
@@ -370,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "standalone_top1_raw": [r["top1_raw"] for r in runs],
             "standalone_top1_mean": sum(r["top1"] for r in runs) / len(runs),
             "standalone_seconds": [r["seconds"] for r in runs],
+            **proxy,
         })
     summary = _summary(rows, args.seeds, trained.train_seconds)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -732,3 +732,31 @@ def test_a_bad_shard_is_refused(text):
     with pytest.raises(DynasError, match=rf"`--shard` must be I/N with 0 <= I < N, such as 0/2, but got '{re.escape(text)}'"):
         _ranking().parse_shard(text)
     assert _ranking().parse_shard("1/3") == (1, 3)
+
+
+def test_the_scratch_proxy_is_ranked_one_run_per_subnet_against_the_truth():
+    rows = [
+        {"kind": kind, "macs": i, "supernet_top1": float(i), "score_seconds": 1.0, "standalone_top1": [t, t],
+         "standalone_top1_mean": t, "standalone_seconds": [10.0, 10.0], "proxy_top1": list(p), "proxy_seconds": [2.0, 4.0]}
+        for i, (kind, t, p) in enumerate([
+            ("static", 50.0, (1, 3)), ("static", 60.0, (2, 1)), ("dynamic", 70.0, (3, 4)), ("dynamic", 80.0, (4, 2)),
+        ])
+    ]
+    summary = _ranking()._summary(rows, seeds=2, supernet_seconds=0.0)
+    tau = _ranking().kendall_tau
+    truth = [50, 60, 70, 80]
+    assert summary["kendall_tau_proxy"] == pytest.approx((tau([1, 2, 3, 4], truth) + tau([3, 1, 4, 2], truth)) / 2)
+    assert summary["kendall_tau_proxy"] == pytest.approx(0.5)  # seed 0 orders all 6 pairs, seed 1 nets 0
+    assert summary["kendall_tau_proxy_static"] == pytest.approx(0.0)  # +1 and -1
+    assert summary["kendall_tau_proxy_dynamic"] == pytest.approx(0.0)
+    assert summary["seconds_per_proxy_training"] == pytest.approx(3.0)
+    assert summary["kendall_tau_supernet"] == 1.0
+    assert "kendall_tau_proxy" not in _ranking()._summary([{k: v for k, v in r.items() if not k.startswith("proxy")}
+                                                           for r in rows], seeds=2, supernet_seconds=0.0)
+
+
+@pytest.mark.parametrize("proxy", ["0", "6", "9"])
+def test_a_proxy_as_long_as_the_truth_is_refused(proxy, tmp_path):
+    with pytest.raises(DynasError, match=rf"`--proxy-epochs` must be an integer in \[1, --epochs\).*got proxy_epochs={proxy}\."):
+        _ranking().main(["--dataset", "digits", "--epochs", "6", "--proxy-epochs", proxy, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
