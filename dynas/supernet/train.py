@@ -37,12 +37,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from dynas.checks import check_int
-from dynas.data import BatchLoader, DataBundle
+from dynas.data import DataBundle
 from dynas.errors import DynasError
 from dynas.spec import ArchSpec
 from dynas.supernet.model import Supernet, atomic_save, read_torch_file
 from dynas.supernet.score import score_subnet
-from dynas.temperature import TemperatureSchedule
 from dynas.training import (
     EpochCallback,
     NonFiniteLossError,
