@@ -34,8 +34,9 @@ A smoke run (seconds; digits at 16x16, where MACs are a quarter of 32x32's)::
 Stand-alone results are appended to ``--out/standalone.jsonl`` as they finish, and a rerun skips
 those already there; ``results.jsonl`` (one row per subnet), ``summary.json`` and
 ``config.yaml`` are written at the end. ``--shard I/N`` splits the stand-alone runs over N copies
-of the command on one ``--out`` (one core each, ``--num-threads 1``; the supernet trained first):
-copy I trains every N-th run from the I-th, and the last copy to finish writes the results.
+of the command on one ``--out``, started together (one core each, ``--num-threads 1``): copy 0
+trains the supernet first, copy I trains every N-th stand-alone run from the I-th, and the last
+copy to finish writes the results.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from dynas.cost import closed_form_macs, closed_form_params, parse_count
 from dynas.data import DataBundle, load_data
 from dynas.errors import DynasError
 from dynas.spec import ArchSpec
-from dynas.supernet import Supernet, SupernetTrainConfig, recalibrate_bn, score_subnet, train_supernet
+from dynas.supernet import Supernet, SupernetTrainConfig, SupernetTrainResult, recalibrate_bn, score_subnet, train_supernet
 from dynas.supernet.train import SUPERNET_ANNEAL_FRACTION
 from dynas.training import TrainConfig, evaluate, train_candidate
 from dynas.spaces import get_space
@@ -375,11 +376,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(args, out / "config.yaml")
     supernet_config, recipe = _configs(args)
-    torch.manual_seed(args.seed)
-    supernet = Supernet(space)
-    trained = train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
-    scores = [score_subnet(supernet, s.arch, data, calib_images=args.calib_images, seed=args.seed,
-                           device=args.device) for s in subnets]
+
+    def trained_supernet() -> tuple[Supernet, SupernetTrainResult]:  # trains, resumes, or (finished) loads it
+        torch.manual_seed(args.seed)
+        supernet = Supernet(space)
+        return supernet, train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
+
+    # Shard 0 trains the supernet first; the other shards start on the stand-alone runs at once.
+    trained = trained_supernet() if shard[0] == 0 else None
     setting = standalone_setting(args)
     standalone = _standalone(subnets, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed,
                              setting, shard)
@@ -395,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shard {args.shard}: done; {len(missing)} stand-alone runs are left to the other shards, and the "
               f"last of them to finish writes the results (or rerun with --shard 0/1 when they have).")
         return 0
+    supernet, result = trained or trained_supernet()  # the other shards' rows imply shard 0 finished it
+    scores = [score_subnet(supernet, s.arch, data, calib_images=args.calib_images, seed=args.seed,
+                           device=args.device) for s in subnets]
     rows = []
     for subnet, score in zip(subnets, scores):
         runs = [standalone[(subnet.arch.to_str(), seed)] for seed in range(args.seeds)]
@@ -416,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "standalone_seconds": [r["seconds"] for r in runs],
             **proxy,
         })
-    summary = _summary(rows, args.seeds, trained.train_seconds)
+    summary = _summary(rows, args.seeds, result.train_seconds)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     # NaN (a tau of fewer than two distinct values) is not JSON: null.
     strict = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}

@@ -760,3 +760,19 @@ def test_a_proxy_as_long_as_the_truth_is_refused(proxy, tmp_path):
     with pytest.raises(DynasError, match=rf"`--proxy-epochs` must be an integer in \[1, --epochs\).*got proxy_epochs={proxy}\."):
         _ranking().main(["--dataset", "digits", "--epochs", "6", "--proxy-epochs", proxy, "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_shards_started_together_leave_the_supernet_to_shard_0_and_the_last_writes_the_results(tmp_path, capsys):
+    out = tmp_path / "rank"
+    argv = ["--dataset", "digits", "--input-size", "16", "--train-subset", "200", "--supernet-epochs", "1",
+            "--epochs", "2", "--max-steps-per-epoch", "1", "--batch-size", "16", "--num-subnets", "2", "--strata", "1",
+            "--mac-band", "0.8M:2.5M", "--calib-images", "16", "--seeds", "2", "--device", "cpu", "--quiet",
+            "--out", str(out)]
+    assert _ranking().main([*argv, "--shard", "1/2"]) == 0  # seed 1 of each subnet; no supernet yet
+    assert "left to the other shards" in capsys.readouterr().out
+    assert not (out / "supernet").exists() and not (out / "summary.json").exists()
+    assert len((out / "standalone.jsonl").read_text().splitlines()) == 2
+    assert _ranking().main([*argv, "--shard", "0/2"]) == 0  # the supernet, seed 0, then the results
+    assert (out / "supernet" / "supernet.pt").exists()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert len((out / "standalone.jsonl").read_text().splitlines()) == 4
