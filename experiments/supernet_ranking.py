@@ -264,13 +264,18 @@ def _standalone(
     def read() -> None:
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except ValueError:  # cut short by a killed write: that run is trained again
+                    continue
                 if row.get("setting") == setting:  # older rows (raw only, or unrecorded setting) are trained again
                     done[(row["arch"], row["seed"])] = {k: row[k] for k in ("top1", "top1_raw", "seconds")}
 
     read()
     index, count = shard
     with path.open("a", encoding="utf-8") as out:
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            out.write("\n")  # end a line a killed write cut short, so the next row stands alone
         for position, (subnet, run_seed) in enumerate((s, r) for s in subnets for r in range(seeds)):
             key = (subnet.arch.to_str(), run_seed)
             if key in done or position % count != index:

@@ -776,3 +776,18 @@ def test_shards_started_together_leave_the_supernet_to_shard_0_and_the_last_writ
     assert (out / "supernet" / "supernet.pt").exists()
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert len((out / "standalone.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_row_cut_short_by_a_killed_write_is_trained_again_and_the_rest_kept(digits, tmp_path):
+    ranking = _ranking()
+    subnets = ranking.sample_in_band(_space(), ranking.parse_band("0.8M:2.5M"), 2, 1, seed=0)
+    recipe = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, warmup_epochs=0.0, quiet=True, device="cpu")
+    path, setting = tmp_path / "standalone.jsonl", {"calib_images": 16}
+    done = ranking._standalone(subnets, digits, recipe, 1, path, 16, 0, setting)
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # the second row half written
+    again = ranking._standalone(subnets, digits, recipe, 1, path, 16, 0, setting)
+    assert again[(subnets[0].arch.to_str(), 0)] == done[(subnets[0].arch.to_str(), 0)]  # kept, not retrained
+    text = path.read_text().splitlines()
+    assert len(text) == 3 and text[0] == lines[0] and json.loads(text[2])["arch"] == subnets[1].arch.to_str()
+    assert ranking._standalone(subnets, digits, recipe, 1, path, 16, 0, setting) == again  # all read back
