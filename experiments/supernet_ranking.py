@@ -61,6 +61,7 @@ from dynas.data import DataBundle, load_data
 from dynas.errors import DynasError
 from dynas.spec import ArchSpec
 from dynas.supernet import Supernet, SupernetTrainConfig, SupernetTrainResult, recalibrate_bn, score_subnet, train_supernet
+from dynas.supernet.model import KERNEL_BANKS
 from dynas.supernet.train import SUPERNET_ANNEAL_FRACTION
 from dynas.training import TrainConfig, evaluate, train_candidate
 from dynas.spaces import get_space
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--supernet-epochs", type=int, default=30)
     sup.add_argument("--num-random", type=int, default=SupernetTrainConfig.num_random, help="random subnets per step besides largest / smallest")
     sup.add_argument("--no-distill", action="store_true", help="train every subnet on the labels")
+    sup.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="independent",
+                     help="a dynamic layer's K kernels: independent, or residual (kernel k = W0 + D_k)")
+    sup.add_argument("--zero-init-residual", action="store_true",
+                     help="start the always-residual blocks as the identity (last BN scale 0, BigNAS)")
     sup.add_argument("--calib-images", type=int, default=2000, help="BN recalibration images per scored subnet")
     train = parser.add_argument_group("training (the recipe of both)")
     train.add_argument("--epochs", type=int, default=10, help="stand-alone epochs")
@@ -384,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def trained_supernet() -> tuple[Supernet, SupernetTrainResult]:  # trains, resumes, or (finished) loads it
         torch.manual_seed(args.seed)
-        supernet = Supernet(space)
+        supernet = Supernet(space, kernel_bank=args.kernel_bank, zero_init_residual=args.zero_init_residual)
         return supernet, train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
 
     # Shard 0 trains the supernet first; the other shards start on the stand-alone runs at once.

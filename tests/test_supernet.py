@@ -31,6 +31,7 @@ from dynas.supernet import (
     score_subnet,
     train_supernet,
 )
+from dynas.supernet.elastic import RESIDUAL_INIT_SCALE
 from dynas.supernet.train import sandwich
 from dynas.training import TrainConfig
 from search_spaces.mobile import MobileCifarSpace, MobileImageNetSpace, StageConfig
@@ -269,6 +270,71 @@ def test_save_and_load_round_trip(supernet, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
 
 
+# ----------------------------------------------------------------------------- residual kernel bank
+
+
+def test_a_residual_bank_holds_kernels_1_on_as_offsets_from_kernel_0():
+    torch.manual_seed(0)
+    conv = ElasticConv2d(8, 16, 3, num_kernels=4, residual=True)
+    w = conv.weight.detach()
+    ratio = float(w[1:].std() / w[0].std())
+    assert abs(ratio - RESIDUAL_INIT_SCALE) < 0.1  # offsets start at a fraction of a kernel's scale
+    conv.set_active(16, 3, 3)
+    got = conv.active_weight(8)  # (3, 16, 8, 3, 3): the kernels themselves
+    assert torch.equal(got[0], w[0]) and torch.allclose(got[1:], w[:1] + w[1:3])
+    reference = DynamicConv2d(8, 16, 3, padding=1, bias=False, num_kernels=3, temperature=30.0)
+    conv.copy_active_to(reference)  # what an extracted subnet holds
+    assert torch.allclose(reference.weight, got)
+    x = torch.randn(2, 8, 7, 7)
+    assert _relative_error(conv(x), reference(x)) < 1e-5
+    conv.set_active(12, 1, 1)  # K = 1: kernel 0 alone, the static conv
+    x = torch.randn(2, 6, 9, 9)
+    assert torch.equal(conv(x), F.conv2d(x, w[0, :12, :6, 1:2, 1:2]))
+
+
+def test_a_residual_supernet_extracts_exactly_and_round_trips(tmp_path):
+    torch.manual_seed(2)
+    net = Supernet(_space(), kernel_bank="residual")
+    _randomize(net, seed=2)
+    net.eval().temperature = 1.0
+    x = torch.randn(2, 3, SIZE, SIZE)
+    loaded = load_supernet(net.save(tmp_path / "supernet.pt"))
+    assert loaded.kernel_bank == "residual"
+    for arch in (ARCHS[0], ARCHS[1], *ARCHS[-len(net.space.num_kernels):]):
+        with torch.no_grad(), net.activate(arch), loaded.activate(arch):
+            expected = net(x)
+            assert _relative_error(net.extract(arch).eval()(x), expected) < 1e-5
+            assert torch.equal(loaded(x), expected)
+
+
+def test_an_older_supernet_file_without_a_kernel_bank_loads_as_independent(supernet, tmp_path):
+    path = supernet.save(tmp_path / "supernet.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["kernel_bank"]
+    torch.save(payload, path)
+    assert load_supernet(path).kernel_bank == "independent"
+    torch.save({**payload, "kernel_bank": "shared"}, path)
+    with pytest.raises(DynasError, match=r"supernet file .* has kernel_bank='shared'; this dynas reads independent, residual"):
+        load_supernet(path)
+
+
+def test_a_bad_kernel_bank_is_refused():
+    with pytest.raises(DynasError, match=r"`kernel_bank` must be one of .*got kernel_bank='residul'.*'residual'"):
+        Supernet(_space(), kernel_bank="residul")
+
+
+def test_zero_init_residual_starts_every_always_residual_block_as_the_identity():
+    torch.manual_seed(0)
+    net = Supernet(_space(), zero_init_residual=True).eval()
+    plain = Supernet(_space()).eval()
+    for stage, other in zip(net.stages, plain.stages):
+        for j, (block, reference) in enumerate(zip(stage, other)):
+            x = torch.randn(2, block.active.in_channels, 4, 4)
+            with torch.no_grad():
+                assert torch.equal(block(x), x) == (j > 0)  # a stage's first block is not residual
+                assert not torch.equal(reference(x), x)
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -482,6 +548,9 @@ def test_a_checkpoint_of_another_supernet_or_run_is_refused(trained, digits, tmp
     torch.save({**state, "space": "mobile_imagenet"}, tmp_path / "checkpoint.pt")
     with pytest.raises(DynasError, match=r"checkpoint .* is of another supernet: `space` must be 'mobile_cifar'.*"
                                          r"space='mobile_imagenet'"):
+        train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
+    torch.save({**state, "kernel_bank": "residual"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(DynasError, match=r"`kernel_bank` must be 'independent'.*kernel_bank='residual'"):
         train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
     torch.save({**state, "total_steps": 99}, tmp_path / "checkpoint.pt")
     with pytest.raises(DynasError, match=r"total_steps=99, but this run has 1"):

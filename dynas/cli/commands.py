@@ -246,7 +246,7 @@ def cmd_supernet(args: argparse.Namespace) -> int:
     data = load_run_data(vars(args))
     _check_fits(args, data)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
-    supernet = Supernet(space)
+    supernet = Supernet(space, kernel_bank=args.kernel_bank, zero_init_residual=args.zero_init_residual)
     write_resolved(args, run_dir / "config.yaml")
     result = train_supernet(supernet, data, config, run_dir=run_dir)
     last = lambda values: f"{values[-1]:.2f}%" if values else "-"  # noqa: E731

@@ -49,6 +49,12 @@ __all__ = [
 ]
 
 
+#: The scale of a residual kernel bank's offsets ``D_k`` at initialisation, relative to kernel 0's
+#: kaiming scale: the kernels start apart (the attention has something to choose between) but
+#: close to the static kernel.
+RESIDUAL_INIT_SCALE = 0.5
+
+
 def centre_crop(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """The centre ``kernel_size x kernel_size`` window of ``weight`` (..., k_max, k_max)."""
     k_max = weight.shape[-1]
@@ -317,10 +323,15 @@ class ElasticConv2d(nn.Module):
         dcd_latent, dcd_pools, dcd_reduction: DCD's largest latent width (0 = no DCD; a 1x1
             conv only), the pools its attention meets (see :class:`ElasticDCDBranch`) and its
             attention's fc-squeeze.
+        residual: hold kernels ``1..`` as offsets from kernel 0: kernel ``k`` is
+            ``weight[0] + weight[k]`` (the mixture is ``W0 + sum_k pi_k D_k``), so the static
+            kernel is the centre of every mixture instead of one kernel among K.
 
     The weight is ``(K_bank, Cout_max, Cin_max/g, k_max, k_max)``, ``K_bank = max(num_kernels,
     od_kernels, 1)``, for static layers too, so that kernel 0 is the static conv of every subnet
-    that has K = 1 (and ODConv's first kernel, and DCD's ``W0``).
+    that has K = 1 (and ODConv's first kernel, and DCD's ``W0``). With ``residual``, the stored
+    kernels ``1..`` are offsets from kernel 0 (initialised at :data:`RESIDUAL_INIT_SCALE` of a
+    kernel's scale); :meth:`active_weight` and :meth:`copy_active_to` give the kernels themselves.
     """
 
     def __init__(
@@ -338,6 +349,7 @@ class ElasticConv2d(nn.Module):
         dcd_latent: int = 0,
         dcd_pools: frozenset[bool] = frozenset(),
         dcd_reduction: int = 16,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -353,6 +365,7 @@ class ElasticConv2d(nn.Module):
         self.depthwise = depthwise
         self.num_kernels = num_kernels
         self.od_kernels = od_kernels
+        self.residual = residual
         self.temperature = 30.0
         cin_g = 1 if depthwise else in_channels
         bank = max(num_kernels, od_kernels, 1)
@@ -375,9 +388,14 @@ class ElasticConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each kernel as ``init_weights`` does a conv: kaiming normal, fan_out (of the largest)."""
+        """Each kernel as ``init_weights`` does a conv: kaiming normal, fan_out (of the largest).
+
+        With ``residual``, the offsets ``1..`` are drawn at :data:`RESIDUAL_INIT_SCALE` of that.
+        """
         for k in range(self.weight.shape[0]):
             nn.init.kaiming_normal_(self.weight.data[k], mode="fan_out")
+            if self.residual and k > 0:
+                self.weight.data[k] *= RESIDUAL_INIT_SCALE
 
     def set_active(self, out_channels: int, kernel_size: int, num_kernels: int, op: str = "dy", latent: int = 0) -> None:
         """Select the output width, kernel size, operator (``dy``, ``od``, ``dcd``), its K and DCD's L."""
@@ -404,8 +422,10 @@ class ElasticConv2d(nn.Module):
         cout = in_channels if self.depthwise else self.active_out_channels
         cin_g = 1 if self.depthwise else in_channels
         k = 1 if self.active_op == "dcd" else self.active_num_kernels
-        weight = self.weight[:k, :cout, :cin_g]
-        return centre_crop(weight, self.active_kernel_size)
+        weight = centre_crop(self.weight[:k, :cout, :cin_g], self.active_kernel_size)
+        if self.residual and k > 1:
+            weight = torch.cat([weight[:1], weight[:1] + weight[1:]])  # kernel k = W0 + D_k
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, Cin, H, W) with Cin <= in_channels -> (B, Cout, H', W')
@@ -470,6 +490,8 @@ class ElasticConv2d(nn.Module):
             s += f", od_kernels={self.od_kernels}"
         if "dcd" in self._modules:
             s += f", dcd_latent={self.dcd.latent}"
+        if self.residual:
+            s += ", residual=True"
         return s
 
 

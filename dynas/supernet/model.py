@@ -54,6 +54,8 @@ _FILE_VERSION = 1
 _FILE_KEYS = ("space", "input_size", "num_classes", "temperature", "progress", "state_dict")
 #: Labels of a mobile space that set training, not the architecture.
 _TRAINING_LABELS = ("tau_start", "anneal_fraction")
+#: How a dynamic layer's K kernels are held (:class:`Supernet`'s ``kernel_bank``).
+KERNEL_BANKS = ("independent", "residual")
 
 
 # ----------------------------------------------------------------------------- block dimensions
@@ -196,9 +198,11 @@ class _ConvBnAct(nn.Sequential):
 class _ElasticBlock(nn.Module):
     """An inverted residual of the largest dims; runs whichever dims are active."""
 
-    def __init__(self, dims: _BlockDims, reduction: int, min_hidden: int, dcd_reduction: int = 16) -> None:
+    def __init__(
+        self, dims: _BlockDims, reduction: int, min_hidden: int, dcd_reduction: int = 16, residual: bool = False
+    ) -> None:
         super().__init__()
-        attn = {"reduction": reduction, "min_hidden": min_hidden, "dcd_reduction": dcd_reduction}
+        attn = {"reduction": reduction, "min_hidden": min_hidden, "dcd_reduction": dcd_reduction, "residual": residual}
         cin, mid = dims.in_channels, dims.mid_channels
         pw = {"num_kernels": dims.pw_kernels, "od_kernels": dims.od_kernels, **attn}
         if dims.expand:
@@ -266,6 +270,14 @@ class Supernet(nn.Module):
     Args:
         space: a :class:`search_spaces.mobile.MobileSpace` instance (``mobile_cifar``,
             ``mobile_imagenet``, ...); its ``input_size`` and ``num_classes`` are the supernet's.
+        kernel_bank: how a dynamic layer holds its K kernels. ``"independent"``: K kernels of
+            their own, kernel 0 the static conv. ``"residual"``: kernel 0 the static conv and
+            kernels ``1..`` offsets from it (kernel k = W0 + D_k), so every mixture is centred on
+            the static kernel (:class:`~dynas.supernet.elastic.ElasticConv2d`'s ``residual``).
+            Either way a subnet extracts to the same plain modules.
+        zero_init_residual: start every block that is always residual (a stage's second block
+            on) with its last BatchNorm's scale at 0, so that the block starts as the identity
+            (BigNAS's initialisation for a single-stage supernet).
 
     Attributes:
         space: the space.
@@ -276,13 +288,19 @@ class Supernet(nn.Module):
     Its dynamic layers share one temperature, :attr:`temperature` (30 until training sets it).
     """
 
-    def __init__(self, space: MobileSpace) -> None:
+    def __init__(self, space: MobileSpace, *, kernel_bank: str = "independent", zero_init_residual: bool = False) -> None:
         from search_spaces.mobile import MobileSpace
 
         if not isinstance(space, MobileSpace):
             raise TypeError(f"`space` must be a MobileSpace instance, but got {type(space).__name__}: {space!r}.")
+        if kernel_bank not in KERNEL_BANKS:
+            raise DynasError(
+                f"`kernel_bank` must be one of {KERNEL_BANKS}, but got kernel_bank={kernel_bank!r}."
+                f"{did_you_mean(str(kernel_bank), KERNEL_BANKS)}"
+            )
         super().__init__()
         self.space = space
+        self.kernel_bank = kernel_bank
         pairs = _reference_archs(space)
         refs = [arch for _, arch in pairs]
         largest = space.largest()
@@ -301,6 +319,7 @@ class Supernet(nn.Module):
         stem = max(a.stem_channels for a in refs)
         stem_conv = ElasticConv2d(largest.in_channels, stem, 3, largest.stem_stride)
         self.stem = _ConvBnAct(stem_conv, largest.stem_activation)
+        attn["residual"] = kernel_bank == "residual"
         blocks = {**attn, "dcd_reduction": largest.dcd_reduction}
         self.stages = nn.ModuleList(nn.ModuleList(_ElasticBlock(d, **blocks) for d in stage) for stage in dims)
         head_conv = ElasticConv2d(
@@ -311,15 +330,19 @@ class Supernet(nn.Module):
             **attn,
         )
         self.head = _ElasticHead(head_conv, largest.head_activation, largest.dropout, largest.num_classes)
-        self._init_weights()
+        self._init_weights(zero_init_residual)
         self.progress: dict[str, Any] = {}
         self.temperature = 30.0
         self._active = largest
         self._depths = [len(s.blocks) for s in largest.stages]
         self._set_active(largest)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_init_residual: bool) -> None:
         """As :func:`dynas.builder.init_weights`: the convs init themselves; SE and classifier here."""
+        if zero_init_residual:
+            for stage in self.stages:
+                for block in stage[1:]:
+                    nn.init.zeros_(block.project.bn.weight)
         for module in self.modules():
             if isinstance(module, ElasticSqueezeExcite):
                 for conv in (module.fc1, module.fc2):
@@ -506,16 +529,21 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ files
 
     def identity(self) -> dict[str, Any]:
-        """What a supernet file must match: space name, input size, class count."""
-        return {"space": self.space.name, "input_size": self.space.input_size, "num_classes": self.space.num_classes}
+        """What a supernet file must match: space name, input size, class count, kernel bank."""
+        return {
+            "space": self.space.name,
+            "input_size": self.space.input_size,
+            "num_classes": self.space.num_classes,
+            "kernel_bank": self.kernel_bank,
+        }
 
     def check_identity(self, other: Mapping[str, Any], what: str) -> None:
         """Raise a :class:`DynasError` naming ``what`` unless ``other`` has this supernet's identity."""
         for key, expected in self.identity().items():
-            if other.get(key) != expected:
+            if _identity_value(other, key) != expected:
                 raise DynasError(
                     f"{what} is of another supernet: `{key}` must be {expected!r} (as this "
-                    f"{self.space.name!r} supernet), but it has {key}={other.get(key)!r}."
+                    f"{self.space.name!r} supernet), but it has {key}={_identity_value(other, key)!r}."
                 )
 
     def check_data(self, data: DataBundle) -> None:
@@ -545,7 +573,15 @@ class Supernet(nn.Module):
         return atomic_save(payload, path)
 
     def extra_repr(self) -> str:
-        return f"space={self.space.name!r}, input_size={self.space.input_size}, num_classes={self.space.num_classes}"
+        return (
+            f"space={self.space.name!r}, input_size={self.space.input_size}, num_classes={self.space.num_classes}, "
+            f"kernel_bank={self.kernel_bank!r}"
+        )
+
+
+def _identity_value(payload: Mapping[str, Any], key: str) -> Any:
+    """``payload[key]``; files and checkpoints written before kernel banks were a choice are independent."""
+    return payload.get(key, "independent" if key == "kernel_bank" else None)
 
 
 def _channels(arch: ArchSpec) -> tuple[int, tuple[int, ...], int]:
@@ -656,7 +692,12 @@ def load_supernet(
             input size / class count than ``space``.
     """
     payload = read_supernet_file(path, map_location)
-    supernet = Supernet(space if space is not None else _space_of(payload, path))
+    bank = _identity_value(payload, "kernel_bank")
+    if bank not in KERNEL_BANKS:
+        raise DynasError(
+            f"supernet file {str(path)!r} has kernel_bank={bank!r}; this dynas reads {', '.join(KERNEL_BANKS)}."
+        )
+    supernet = Supernet(space if space is not None else _space_of(payload, path), kernel_bank=bank)
     supernet.check_identity(payload, f"supernet file {str(path)!r}")
     try:
         supernet.load_state_dict(payload["state_dict"])
