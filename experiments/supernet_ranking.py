@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--supernet-epochs", type=int, default=30)
     sup.add_argument("--num-random", type=int, default=SupernetTrainConfig.num_random, help="random subnets per step besides largest / smallest")
     sup.add_argument("--no-distill", action="store_true", help="train every subnet on the labels")
-    sup.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="independent",
-                     help="a dynamic layer's K kernels: independent, or residual (kernel k = W0 + D_k)")
-    sup.add_argument("--zero-init-residual", action="store_true",
+    sup.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="residual",
+                     help="a dynamic layer's K kernels: residual (kernel k = W0 + D_k) or independent")
+    sup.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                      help="start the always-residual blocks as the identity (last BN scale 0, BigNAS)")
     sup.add_argument("--calib-images", type=int, default=2000, help="BN recalibration images per scored subnet")
     train = parser.add_argument_group("training (the recipe of both)")

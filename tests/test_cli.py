@@ -13,6 +13,7 @@ import torch
 
 from run_search import main
 from dynas.spaces import get_space
+from dynas.supernet import load_supernet
 
 TINY = [
     "--dataset", "digits", "--input-size", "16", "--train-subset", "200", "--epochs", "1",
@@ -191,7 +192,7 @@ def test_a_refused_rerun_leaves_the_run_record_alone(tmp_path, capsys):
 def test_supernet_train_then_search_with_it(tmp_path, capsys):
     sn = tmp_path / "sn"
     assert main(["supernet", "--run-dir", str(sn), *TINY, "--val-calib-images", "32"]) == 0
-    assert (sn / "supernet.pt").is_file()
+    assert load_supernet(sn / "supernet.pt").kernel_bank == "residual"  # the default bank
     argv = _search(tmp_path, "--max-macs", "1.5M", "--trials", "3", "--sampler", "random", "--evaluator", "supernet",
                    "--supernet", str(sn / "supernet.pt"), "--calib-images", "32")
     assert main(argv) == 0

@@ -236,7 +236,7 @@ def test_set_active_rejects_sizes_beyond_the_largest():
 
 def test_gradients_reach_the_shared_weights_of_the_active_slice_only():
     torch.manual_seed(0)
-    net = Supernet(_space())
+    net = Supernet(_space(), zero_init_residual=False)  # a zero BN scale would stop its block's gradients
     arch = net.smallest  # all static, narrowest
     with net.activate(arch):
         net(torch.randn(4, 3, SIZE, SIZE)).logsumexp(dim=1).sum().backward()
@@ -294,7 +294,8 @@ def test_a_residual_bank_holds_kernels_1_on_as_offsets_from_kernel_0():
 
 def test_a_residual_supernet_extracts_exactly_and_round_trips(tmp_path):
     torch.manual_seed(2)
-    net = Supernet(_space(), kernel_bank="residual")
+    net = Supernet(_space())  # residual by default
+    assert net.kernel_bank == "residual"
     _randomize(net, seed=2)
     net.eval().temperature = 1.0
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -325,8 +326,8 @@ def test_a_bad_kernel_bank_is_refused():
 
 def test_zero_init_residual_starts_every_always_residual_block_as_the_identity():
     torch.manual_seed(0)
-    net = Supernet(_space(), zero_init_residual=True).eval()
-    plain = Supernet(_space()).eval()
+    net = Supernet(_space()).eval()  # the default
+    plain = Supernet(_space(), zero_init_residual=False).eval()
     for stage, other in zip(net.stages, plain.stages):
         for j, (block, reference) in enumerate(zip(stage, other)):
             x = torch.randn(2, block.active.in_channels, 4, 4)
@@ -549,8 +550,8 @@ def test_a_checkpoint_of_another_supernet_or_run_is_refused(trained, digits, tmp
     with pytest.raises(DynasError, match=r"checkpoint .* is of another supernet: `space` must be 'mobile_cifar'.*"
                                          r"space='mobile_imagenet'"):
         train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
-    torch.save({**state, "kernel_bank": "residual"}, tmp_path / "checkpoint.pt")
-    with pytest.raises(DynasError, match=r"`kernel_bank` must be 'independent'.*kernel_bank='residual'"):
+    torch.save({**state, "kernel_bank": "independent"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(DynasError, match=r"`kernel_bank` must be 'residual'.*kernel_bank='independent'"):
         train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
     torch.save({**state, "total_steps": 99}, tmp_path / "checkpoint.pt")
     with pytest.raises(DynasError, match=r"total_steps=99, but this run has 1"):
@@ -836,13 +837,13 @@ def test_shards_started_together_leave_the_supernet_to_shard_0_and_the_last_writ
     argv = ["--dataset", "digits", "--input-size", "16", "--train-subset", "200", "--supernet-epochs", "1",
             "--epochs", "2", "--max-steps-per-epoch", "1", "--batch-size", "16", "--num-subnets", "2", "--strata", "1",
             "--mac-band", "0.8M:2.5M", "--calib-images", "16", "--seeds", "2", "--device", "cpu", "--quiet",
-            "--out", str(out)]
+            "--kernel-bank", "independent", "--no-zero-init-residual", "--out", str(out)]
     assert _ranking().main([*argv, "--shard", "1/2"]) == 0  # seed 1 of each subnet; no supernet yet
     assert "left to the other shards" in capsys.readouterr().out
     assert not (out / "supernet").exists() and not (out / "summary.json").exists()
     assert len((out / "standalone.jsonl").read_text().splitlines()) == 2
     assert _ranking().main([*argv, "--shard", "0/2"]) == 0  # the supernet, seed 0, then the results
-    assert (out / "supernet" / "supernet.pt").exists()
+    assert load_supernet(out / "supernet" / "supernet.pt").kernel_bank == "independent"  # as asked
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert len((out / "standalone.jsonl").read_text().splitlines()) == 4
 

@@ -270,14 +270,16 @@ class Supernet(nn.Module):
     Args:
         space: a :class:`search_spaces.mobile.MobileSpace` instance (``mobile_cifar``,
             ``mobile_imagenet``, ...); its ``input_size`` and ``num_classes`` are the supernet's.
-        kernel_bank: how a dynamic layer holds its K kernels. ``"independent"``: K kernels of
-            their own, kernel 0 the static conv. ``"residual"``: kernel 0 the static conv and
-            kernels ``1..`` offsets from it (kernel k = W0 + D_k), so every mixture is centred on
-            the static kernel (:class:`~dynas.supernet.elastic.ElasticConv2d`'s ``residual``).
+        kernel_bank: how a dynamic layer holds its K kernels. ``"residual"`` (default): kernel 0
+            is the static conv and kernels ``1..`` are offsets from it (kernel k = W0 + D_k), so
+            every mixture is centred on the static kernel
+            (:class:`~dynas.supernet.elastic.ElasticConv2d`'s ``residual``). ``"independent"``:
+            K kernels of their own, kernel 0 the static conv (supernets before this choice).
             Either way a subnet extracts to the same plain modules.
         zero_init_residual: start every block that is always residual (a stage's second block
             on) with its last BatchNorm's scale at 0, so that the block starts as the identity
-            (BigNAS's initialisation for a single-stage supernet).
+            (BigNAS's initialisation for a single-stage supernet). Together with the residual
+            bank it took CIFAR-10 ranking from Kendall tau 0.24 to 0.46 (README).
 
     Attributes:
         space: the space.
@@ -288,7 +290,7 @@ class Supernet(nn.Module):
     Its dynamic layers share one temperature, :attr:`temperature` (30 until training sets it).
     """
 
-    def __init__(self, space: MobileSpace, *, kernel_bank: str = "independent", zero_init_residual: bool = False) -> None:
+    def __init__(self, space: MobileSpace, *, kernel_bank: str = "residual", zero_init_residual: bool = True) -> None:
         from search_spaces.mobile import MobileSpace
 
         if not isinstance(space, MobileSpace):
