@@ -551,7 +551,7 @@ def test_a_checkpoint_of_another_supernet_or_run_is_refused(trained, digits, tmp
                                          r"space='mobile_imagenet'"):
         train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
     torch.save({**state, "kernel_bank": "independent"}, tmp_path / "checkpoint.pt")
-    with pytest.raises(DynasError, match=r"`kernel_bank` must be 'residual'.*kernel_bank='independent'"):
+    with pytest.raises(DynasError, match=r"`kernel_bank` must be 'residual'.*kernel_bank='independent'; to go on with it, use --kernel-bank independent"):
         train_supernet(_fresh_supernet(), digits, config, run_dir=tmp_path)
     torch.save({**state, "total_steps": 99}, tmp_path / "checkpoint.pt")
     with pytest.raises(DynasError, match=r"total_steps=99, but this run has 1"):

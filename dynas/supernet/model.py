@@ -542,10 +542,14 @@ class Supernet(nn.Module):
     def check_identity(self, other: Mapping[str, Any], what: str) -> None:
         """Raise a :class:`DynasError` naming ``what`` unless ``other`` has this supernet's identity."""
         for key, expected in self.identity().items():
-            if _identity_value(other, key) != expected:
+            value = _identity_value(other, key)
+            if value != expected:
+                hint = ""
+                if key == "kernel_bank":
+                    hint = f"; to go on with it, use --kernel-bank {value} (Supernet(..., kernel_bank={value!r}))"
                 raise DynasError(
                     f"{what} is of another supernet: `{key}` must be {expected!r} (as this "
-                    f"{self.space.name!r} supernet), but it has {key}={_identity_value(other, key)!r}."
+                    f"{self.space.name!r} supernet), but it has {key}={value!r}{hint}."
                 )
 
     def check_data(self, data: DataBundle) -> None:
