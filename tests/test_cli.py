@@ -189,6 +189,17 @@ def test_a_refused_rerun_leaves_the_run_record_alone(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_a_refused_supernet_resume_leaves_the_run_folder_alone(tmp_path, capsys):
+    sn = tmp_path / "sn"
+    argv = ["supernet", "--run-dir", str(sn), *TINY, "--val-calib-images", "0"]
+    assert main([*argv, "--kernel-bank", "independent"]) == 0
+    before = {p.name: p.read_bytes() for p in sn.iterdir()}
+    err = _error(capsys, argv)  # the default bank now: the checkpoint is of another supernet
+    assert "`kernel_bank` must be 'residual'" in err and "use --kernel-bank independent" in err
+    assert _error(capsys, [*argv, "--kernel-bank", "independent", "--epochs", "2"]).endswith("or another run_dir.")
+    assert {p.name: p.read_bytes() for p in sn.iterdir()} == before  # config.yaml included
+
+
 def test_supernet_train_then_search_with_it(tmp_path, capsys):
     sn = tmp_path / "sn"
     assert main(["supernet", "--run-dir", str(sn), *TINY, "--val-calib-images", "32"]) == 0

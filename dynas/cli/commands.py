@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,7 @@ def _supernet_objective(args: argparse.Namespace, data: Any) -> Any:
 def cmd_supernet(args: argparse.Namespace) -> int:
     from dynas.spaces import get_space
     from dynas.supernet import Supernet, SupernetTrainConfig, train_supernet
+    from dynas.supernet.train import CHECKPOINT_NAME
 
     _check_space_name(args.space)
     config = SupernetTrainConfig(
@@ -247,9 +249,18 @@ def cmd_supernet(args: argparse.Namespace) -> int:
     _check_fits(args, data)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
     supernet = Supernet(space, kernel_bank=args.kernel_bank, zero_init_residual=args.zero_init_residual)
-    write_resolved(args, run_dir / "config.yaml")
-    result = train_supernet(supernet, data, config, run_dir=run_dir)
-    last = lambda values: f"{values[-1]:.2f}%" if values else "-"  # noqa: E731
+    resuming = (run_dir / CHECKPOINT_NAME).exists()
+    if not resuming:
+        write_resolved(args, run_dir / "config.yaml")
+
+    def resumed(epoch: int, top1: float) -> bool:
+        # A resumed run's settings replace the recorded ones only once its checkpoint was accepted.
+        if resuming:
+            write_resolved(args, run_dir / "config.yaml")
+        return False
+
+    result = train_supernet(supernet, data, config, run_dir=run_dir, callback=resumed)
+    last = lambda values: f"{values[-1]:.2f}%" if values and not math.isnan(values[-1]) else "-"  # noqa: E731
     print(f"supernet trained for {result.epochs_run} epochs in {result.train_seconds:.0f} s: val top-1 "
           f"{last(result.val_top1_largest)} (largest), {last(result.val_top1_smallest)} (smallest)")
     print(f"supernet: {run_dir / 'supernet.pt'}; search with "
