@@ -320,7 +320,7 @@ def test_an_older_supernet_file_without_a_kernel_bank_loads_as_independent(super
 
 
 def test_a_bad_kernel_bank_is_refused():
-    with pytest.raises(DynasError, match=r"`kernel_bank` must be one of .*got kernel_bank='residul'.*'residual'"):
+    with pytest.raises(DynasError, match=r"unknown kernel_bank 'residul'; choose one of independent, residual.*'residual'"):
         Supernet(_space(), kernel_bank="residul")
 
 

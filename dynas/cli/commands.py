@@ -249,14 +249,16 @@ def cmd_supernet(args: argparse.Namespace) -> int:
     _check_fits(args, data)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
     supernet = Supernet(space, kernel_bank=args.kernel_bank, zero_init_residual=args.zero_init_residual)
-    resuming = (run_dir / CHECKPOINT_NAME).exists()
-    if not resuming:
+    # A resumed run's settings replace the recorded ones only once its checkpoint was accepted.
+    recorded = not (run_dir / CHECKPOINT_NAME).exists()
+    if recorded:
         write_resolved(args, run_dir / "config.yaml")
 
     def resumed(epoch: int, top1: float) -> bool:
-        # A resumed run's settings replace the recorded ones only once its checkpoint was accepted.
-        if resuming:
+        nonlocal recorded
+        if not recorded:
             write_resolved(args, run_dir / "config.yaml")
+            recorded = True
         return False
 
     result = train_supernet(supernet, data, config, run_dir=run_dir, callback=resumed)

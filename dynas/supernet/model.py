@@ -39,6 +39,7 @@ from torch import nn
 
 from dynas.builder import DynasNet, build_model, create_act
 from dynas.data import DataBundle
+from dynas.checks import check_name
 from dynas.errors import DynasError, did_you_mean
 from dynas.spec import ArchSpec, BlockSpec, dcd_latent_channels, expanded_channels, se_channels
 from dynas.supernet.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite
@@ -295,11 +296,7 @@ class Supernet(nn.Module):
 
         if not isinstance(space, MobileSpace):
             raise TypeError(f"`space` must be a MobileSpace instance, but got {type(space).__name__}: {space!r}.")
-        if kernel_bank not in KERNEL_BANKS:
-            raise DynasError(
-                f"`kernel_bank` must be one of {KERNEL_BANKS}, but got kernel_bank={kernel_bank!r}."
-                f"{did_you_mean(str(kernel_bank), KERNEL_BANKS)}"
-            )
+        check_name("kernel_bank", str(kernel_bank), KERNEL_BANKS)
         super().__init__()
         self.space = space
         self.kernel_bank = kernel_bank
