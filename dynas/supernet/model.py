@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynas.builder import DynasNet, build_model, create_act
-from dynas.data import DataBundle
 from dynas.checks import check_name
+from dynas.data import DataBundle
 from dynas.errors import DynasError, did_you_mean
 from dynas.spec import ArchSpec, BlockSpec, dcd_latent_channels, expanded_channels, se_channels
 from dynas.supernet.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite
