@@ -18,8 +18,10 @@
    same truth: the supernet's rival at its own cost.
 
 The sampled ``tau_start`` / ``anneal_fraction`` choices play no part: every network anneals tau
-from ``--tau-start`` over ``--anneal-fraction`` of its steps. On the shared JPEG (q75) CIFAR-10
-pack absolute accuracies sit 1-2.5 points under exact pixels; rankings are what is compared.
+from ``--tau-start`` over ``--anneal-fraction`` of its steps (the supernet over
+``--supernet-anneal-fraction`` when given: an ablation that keeps the stand-alone truth). On the
+shared JPEG (q75) CIFAR-10 pack absolute accuracies sit 1-2.5 points under exact pixels; rankings
+are what is compared.
 
     python ../shared/data/cifar10/to_batches.py ../shared/data/cifar10/cifar10_full_jpegq75_pack.npz ~/.cache/cifar/full
     python experiments/supernet_ranking.py --data-root ~/.cache/cifar/full/cifar-10-batches-py \\
@@ -55,6 +57,7 @@ import torch
 from _args import add_data_args, add_run_args, run
 
 from dynas.builder import build_model
+from dynas.checks import check_number
 from dynas.config import apply_config, write_resolved
 from dynas.cost import closed_form_macs, closed_form_params, parse_count
 from dynas.data import DataBundle, load_data
@@ -98,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a dynamic layer's K kernels: residual (kernel k = W0 + D_k) or independent")
     sup.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                      help="start the always-residual blocks as the identity (last BN scale 0, BigNAS)")
+    sup.add_argument(
+        "--supernet-anneal-fraction", type=float, default=None,
+        help="the supernet's share of steps annealing tau to 1 (default: --anneal-fraction, the stand-alone runs')",
+    )
     sup.add_argument("--calib-images", type=int, default=2000, help="BN recalibration images per scored subnet")
     train = parser.add_argument_group("training (the recipe of both)")
     train.add_argument("--epochs", type=int, default=10, help="stand-alone epochs")
@@ -227,7 +234,10 @@ def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig
         quiet=args.quiet,
     )
     supernet = SupernetTrainConfig(
-        train=dataclasses.replace(recipe, epochs=args.supernet_epochs),
+        train=dataclasses.replace(
+            recipe, epochs=args.supernet_epochs,
+            anneal_fraction=args.anneal_fraction if args.supernet_anneal_fraction is None else args.supernet_anneal_fraction,
+        ),
         num_random=args.num_random,
         distill=not args.no_distill,
         val_calib_images=args.calib_images,
@@ -375,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"`--proxy-epochs` must be an integer in [1, --epochs) (a shorter run than the truth's "
             f"{args.epochs} epochs), but got proxy_epochs={args.proxy_epochs}."
         )
+    if args.supernet_anneal_fraction is not None:
+        check_number("--supernet-anneal-fraction", args.supernet_anneal_fraction, 0.0, 1.0)
+    supernet_config, recipe = _configs(args)  # refuses a bad recipe value before any data or file
     subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
     data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
                      input_size=args.input_size, seed=args.seed)
@@ -385,7 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(args, out / "config.yaml")
-    supernet_config, recipe = _configs(args)
 
     def trained_supernet() -> tuple[Supernet, SupernetTrainResult]:  # trains, resumes, or (finished) loads it
         torch.manual_seed(args.seed)

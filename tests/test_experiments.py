@@ -167,6 +167,9 @@ def test_anneal_length_trains_each_fraction_and_the_static_twin(tmp_path, capsys
     [
         ("supernet_ranking", ["--shard", "2/2"], "`--shard` must be I/N with 0 <= I < N, such as 0/2, but got '2/2'."),
         ("supernet_ranking", ["--mac-band", "5M:1M"], "`--mac-band` must be LOW:HIGH MACs with LOW < HIGH"),
+        ("supernet_ranking", ["--supernet-anneal-fraction", "1.5"],
+         "`--supernet-anneal-fraction` must be a finite number in [0, 1], but got --supernet-anneal-fraction=1.5."),
+        ("supernet_ranking", ["--anneal-fraction", "-0.1"], "`anneal_fraction` must be"),
         ("static_vs_dynamic", ["--dataset", "npz", "--data-root", "{missing}"], "npz file '{missing}' does not exist."),
         ("anneal_length", ["--dataset", "npz", "--data-root", "{missing}"], "npz file '{missing}' does not exist."),
         ("search_vs_baselines", ["--dataset", "npz", "--data-root", "{missing}", "--max-macs", "1M"],

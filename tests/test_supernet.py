@@ -758,6 +758,17 @@ def test_standalone_setting_holds_what_a_result_depends_on():
     json.dumps(setting)
 
 
+def test_the_supernet_may_anneal_over_its_own_share_and_the_standalone_truth_is_kept():
+    ranking = _ranking()
+    parser = ranking.build_parser()
+    base = ranking.build_parser().parse_args(["--anneal-fraction", "1.0"])
+    args = parser.parse_args(["--anneal-fraction", "1.0", "--supernet-anneal-fraction", "0.8"])
+    supernet, recipe = ranking._configs(args)
+    assert supernet.train.anneal_fraction == 0.8 and recipe.anneal_fraction == 1.0
+    assert ranking.standalone_setting(args) == ranking.standalone_setting(base)  # the truth's rows are reused
+    assert ranking._configs(base)[0].train.anneal_fraction == 1.0  # unset: the stand-alone runs' share
+
+
 def test_the_ops_space_is_stratified_too_its_static_subnets_all_static():
     ranking = _ranking()
     subnets = ranking.sample_in_band(MobileCifarOpsSpace(input_size=SIZE), ranking.parse_band("0.8M:2.5M"), 4, 2, seed=1)
