@@ -12,7 +12,8 @@
    BatchNorm recalibration as the supernet's scoring (precise BN), seed mean.
 5. Report Kendall tau (within the band) between supernet and stand-alone top-1, against the
    stand-alone seed-to-seed tau (the ceiling a proxy can reach) and MACs alone (the floor), the
-   tau within static-only and within dynamic subnets, and seconds per scored candidate against
+   tau within static-only and within dynamic subnets and across the two kinds (with the points by
+   which the supernet favours mixed subnets), and seconds per scored candidate against
    seconds per stand-alone training. With ``--proxy-epochs E`` each subnet is also trained E
    epochs, the proxy a scratch search trains, and one such run per subnet is ranked against the
    same truth: the supernet's rival at its own cost.
@@ -218,6 +219,29 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     return num / math.sqrt(tx * ty) if tx and ty else math.nan
 
 
+def kendall_tau_across(x: Sequence[float], y: Sequence[float], group: Sequence[str]) -> float:
+    """Kendall's tau-b over the pairs whose two members lie in different ``group`` s only.
+
+    With static-only and mixed subnets as the groups: how well the kinds are ordered against each
+    other, the pairs neither within-kind tau counts (NaN when no such pair is untied).
+    """
+    if not len(x) == len(y) == len(group):
+        raise ValueError(f"`x`, `y` and `group` must have the same length, but got {len(x)}, {len(y)} and {len(group)}.")
+
+    def sign(v: float) -> int:
+        return (v > 0) - (v < 0)
+
+    num = tx = ty = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            if group[i] != group[j]:
+                a, b = sign(x[i] - x[j]), sign(y[i] - y[j])
+                num += a * b
+                tx += a * a
+                ty += b * b
+    return num / math.sqrt(tx * ty) if tx and ty else math.nan
+
+
 def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig]:
     """(supernet, stand-alone) configs: one recipe, each with its epochs."""
     recipe = TrainConfig(
@@ -313,6 +337,10 @@ def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) ->
 
     static = [r for r in rows if r["kind"] == "static"]
     dynamic = [r for r in rows if r["kind"] == "dynamic"]
+    kinds = [r["kind"] for r in rows]
+
+    def offset(subset: list[dict[str, Any]]) -> float:  # mean points the supernet scores over the truth
+        return sum(r["supernet_top1"] - r["standalone_top1_mean"] for r in subset) / len(subset) if subset else math.nan
     seed_tau = [kendall_tau([r["standalone_top1"][i] for r in rows], [r["standalone_top1"][i + 1] for r in rows])
                 for i in range(seeds - 1)]
     score_s = sum(r["score_seconds"] for r in rows) / len(rows)
@@ -327,6 +355,10 @@ def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) ->
 
         proxy = {
             "kendall_tau_proxy": proxy_tau(rows),
+            "kendall_tau_proxy_across": sum(
+                kendall_tau_across([r["proxy_top1"][i] for r in rows], [r["standalone_top1_mean"] for r in rows], kinds)
+                for i in range(seeds)
+            ) / seeds,
             "kendall_tau_proxy_static": proxy_tau(static),
             "kendall_tau_proxy_dynamic": proxy_tau(dynamic),
             "seconds_per_proxy_training": sum(sum(r["proxy_seconds"]) / seeds for r in rows) / len(rows),
@@ -340,6 +372,11 @@ def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) ->
         "kendall_tau_macs": tau(rows, "macs", "standalone_top1_mean"),
         "kendall_tau_supernet_static": tau(static, "supernet_top1", "standalone_top1_mean"),
         "kendall_tau_supernet_dynamic": tau(dynamic, "supernet_top1", "standalone_top1_mean"),
+        "kendall_tau_supernet_across": kendall_tau_across(
+            [r["supernet_top1"] for r in rows], [r["standalone_top1_mean"] for r in rows], kinds
+        ),
+        # points by which the supernet favours mixed subnets over static-only ones, against stand-alone
+        "dynamic_offset_points": offset(dynamic) - offset(static),
         "seconds_per_scored_subnet": score_s,
         "seconds_per_standalone_training": train_s,
         "supernet_train_seconds": supernet_seconds,
@@ -356,14 +393,16 @@ def _report(summary: dict[str, Any], band: tuple[int, int]) -> str:
         f"  floor, MACs alone:                       {summary['kendall_tau_macs']:+.3f}",
         f"  within static-only subnets:              {summary['kendall_tau_supernet_static']:+.3f}",
         f"  within dynamic subnets:                  {summary['kendall_tau_supernet_dynamic']:+.3f}",
+        f"  static-only against mixed (across):      {summary['kendall_tau_supernet_across']:+.3f}; the supernet "
+        f"favours mixed subnets by {summary['dynamic_offset_points']:+.2f} points over stand-alone",
         f"seconds per scored subnet: {summary['seconds_per_scored_subnet']:.2f}; per stand-alone training: "
         f"{summary['seconds_per_standalone_training']:.1f}; supernet training: {summary['supernet_train_seconds']:.0f}",
     ]
     if "kendall_tau_proxy" in summary:
         lines += [
             f"scratch proxy (one run per subnet) vs stand-alone: {summary['kendall_tau_proxy']:+.3f}",
-            f"  within static-only / dynamic subnets:    {summary['kendall_tau_proxy_static']:+.3f} / "
-            f"{summary['kendall_tau_proxy_dynamic']:+.3f}",
+            f"  within static-only / dynamic subnets, across: {summary['kendall_tau_proxy_static']:+.3f} / "
+            f"{summary['kendall_tau_proxy_dynamic']:+.3f}, {summary['kendall_tau_proxy_across']:+.3f}",
             f"seconds per proxy training: {summary['seconds_per_proxy_training']:.1f}",
         ]
     return "\n".join(lines)

@@ -830,10 +830,35 @@ def test_the_scratch_proxy_is_ranked_one_run_per_subnet_against_the_truth():
     assert summary["kendall_tau_proxy"] == pytest.approx(0.5)  # seed 0 orders all 6 pairs, seed 1 nets 0
     assert summary["kendall_tau_proxy_static"] == pytest.approx(0.0)  # +1 and -1
     assert summary["kendall_tau_proxy_dynamic"] == pytest.approx(0.0)
+    assert summary["kendall_tau_proxy_across"] == pytest.approx((1.0 + 0.5) / 2)  # seed 1: 3 of 4 cross pairs
     assert summary["seconds_per_proxy_training"] == pytest.approx(3.0)
     assert summary["kendall_tau_supernet"] == 1.0
     assert "kendall_tau_proxy" not in _ranking()._summary([{k: v for k, v in r.items() if not k.startswith("proxy")}
                                                            for r in rows], seeds=2, supernet_seconds=0.0)
+
+
+def test_across_kind_tau_counts_only_static_against_mixed_pairs_and_the_offset_is_the_kind_bias():
+    ranking = _ranking()
+    kinds = ["static", "static", "dynamic", "dynamic"]
+    truth = [50.0, 60.0, 55.0, 65.0]
+    # within each kind the order is right; across, (s60, d55) is swapped: 3 of 4 cross pairs agree
+    supernet = [40.0, 41.0, 42.0, 45.0]
+    assert ranking.kendall_tau_across(supernet, truth, kinds) == pytest.approx(0.5)
+    assert ranking.kendall_tau_across(truth, truth, kinds) == 1.0
+    assert math.isnan(ranking.kendall_tau_across(supernet, truth, ["static"] * 4))  # no cross pair
+    with pytest.raises(ValueError, match="same length"):
+        ranking.kendall_tau_across(supernet, truth, kinds[:3])
+    rows = [
+        {"kind": k, "macs": i, "supernet_top1": sn, "score_seconds": 1.0, "standalone_top1": [t, t],
+         "standalone_top1_mean": t, "standalone_seconds": [10.0, 10.0]}
+        for i, (k, t, sn) in enumerate(zip(kinds, truth, supernet))
+    ]
+    summary = ranking._summary(rows, seeds=2, supernet_seconds=0.0)
+    assert summary["kendall_tau_supernet_across"] == pytest.approx(0.5)
+    assert summary["kendall_tau_supernet_static"] == summary["kendall_tau_supernet_dynamic"] == 1.0
+    # static: 40-50, 41-60 -> -14.5 on average; dynamic: 42-55, 45-65 -> -16.5; mixed favoured by -2
+    assert summary["dynamic_offset_points"] == pytest.approx(-2.0)
+    assert "favours mixed subnets by -2.00 points" in ranking._report(summary, (1, 2))
 
 
 @pytest.mark.parametrize("proxy", ["0", "6", "9"])
