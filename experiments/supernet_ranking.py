@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -201,22 +202,26 @@ def sample_in_band(
     )
 
 
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's tau-b of two equally long sequences (NaN when fewer than two or all tied)."""
-    if len(x) != len(y):
-        raise ValueError(f"`x` and `y` must have the same length, but got {len(x)} and {len(y)}.")
+def _tau_b(x: Sequence[float], y: Sequence[float], pairs: Any) -> float:
+    """Kendall's tau-b of ``x`` and ``y`` over the index ``pairs`` (NaN when none is untied)."""
 
     def sign(v: float) -> int:
         return (v > 0) - (v < 0)
 
     num = tx = ty = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            a, b = sign(x[i] - x[j]), sign(y[i] - y[j])
-            num += a * b
-            tx += a * a
-            ty += b * b
+    for i, j in pairs:
+        a, b = sign(x[i] - x[j]), sign(y[i] - y[j])
+        num += a * b
+        tx += a * a
+        ty += b * b
     return num / math.sqrt(tx * ty) if tx and ty else math.nan
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b of two equally long sequences (NaN when fewer than two or all tied)."""
+    if len(x) != len(y):
+        raise ValueError(f"`x` and `y` must have the same length, but got {len(x)} and {len(y)}.")
+    return _tau_b(x, y, itertools.combinations(range(len(x)), 2))
 
 
 def kendall_tau_across(x: Sequence[float], y: Sequence[float], group: Sequence[str]) -> float:
@@ -227,19 +232,7 @@ def kendall_tau_across(x: Sequence[float], y: Sequence[float], group: Sequence[s
     """
     if not len(x) == len(y) == len(group):
         raise ValueError(f"`x`, `y` and `group` must have the same length, but got {len(x)}, {len(y)} and {len(group)}.")
-
-    def sign(v: float) -> int:
-        return (v > 0) - (v < 0)
-
-    num = tx = ty = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            if group[i] != group[j]:
-                a, b = sign(x[i] - x[j]), sign(y[i] - y[j])
-                num += a * b
-                tx += a * a
-                ty += b * b
-    return num / math.sqrt(tx * ty) if tx and ty else math.nan
+    return _tau_b(x, y, ((i, j) for i, j in itertools.combinations(range(len(x)), 2) if group[i] != group[j]))
 
 
 def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig]:
