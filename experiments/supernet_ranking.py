@@ -72,17 +72,43 @@ from dynas.training import TrainConfig, evaluate, train_candidate
 from dynas.spaces import get_space
 from search_spaces.mobile import MobileSpace
 
-__all__ = ["Subnet", "build_parser", "kendall_tau", "main", "parse_band", "sample_in_band"]
+__all__ = [
+    "Subnet", "add_band_args", "add_recipe_args", "build_parser", "kendall_tau", "main", "parse_band", "recipe_config",
+    "sample_in_band", "twins",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class Subnet:
-    """One sampled subnet: its arch, kind (``"static"`` or ``"dynamic"``), MACs and MAC bin."""
+    """One sampled subnet: its arch, kind (``"static"`` or ``"dynamic"``), MACs, MAC bin and draw.
+
+    ``draw`` numbers the uniform sample it came from: a static-only and a dynamic subnet of one
+    draw are twins, the same network but for static or dynamic convolution (:func:`twins`).
+    """
 
     arch: ArchSpec
     kind: str
     macs: int
     stratum: int
+    draw: int = -1
+
+
+def add_band_args(parser: argparse.ArgumentParser) -> None:
+    """``--space``, ``--mac-band``, ``--num-subnets`` and ``--strata``: which subnets are sampled."""
+    band = parser.add_argument_group("subnets")
+    band.add_argument("--space", default="mobile_cifar", help="a registered mobile space, e.g. mobile_cifar_ops")
+    band.add_argument("--mac-band", default="5M:15M", help="LOW:HIGH closed-form MACs at the data's resolution")
+    band.add_argument("--num-subnets", type=int, default=16, help="subnets sampled in the band (>= 4)")
+    band.add_argument("--strata", type=int, default=4, help="equal-width MAC bins of the band")
+
+
+def add_recipe_args(group: argparse._ArgumentGroup) -> None:
+    """The per-step recipe every network here trains with: batch size, lr, weight decay and tau."""
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--lr", type=float, default=0.05)
+    group.add_argument("--weight-decay", type=float, default=4e-5)
+    group.add_argument("--tau-start", type=float, default=30.0)
+    group.add_argument("--anneal-fraction", type=float, default=SUPERNET_ANNEAL_FRACTION, help="share of steps annealing tau to 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,11 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys)")
     add_data_args(parser, "resize images (default: native; 32 for digits)")
-    band = parser.add_argument_group("subnets")
-    band.add_argument("--space", default="mobile_cifar", help="a registered mobile space, e.g. mobile_cifar_ops")
-    band.add_argument("--mac-band", default="5M:15M", help="LOW:HIGH closed-form MACs at the data's resolution")
-    band.add_argument("--num-subnets", type=int, default=16, help="subnets sampled in the band (>= 4)")
-    band.add_argument("--strata", type=int, default=4, help="equal-width MAC bins of the band")
+    add_band_args(parser)
     sup = parser.add_argument_group("supernet")
     sup.add_argument("--supernet-epochs", type=int, default=30)
     sup.add_argument("--num-random", type=int, default=SupernetTrainConfig.num_random, help="random subnets per step besides largest / smallest")
@@ -115,11 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy-epochs", type=int, default=None,
         help="also train each subnet this many epochs, a scratch search's proxy, and rank it against the truth too",
     )
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=0.05)
-    train.add_argument("--weight-decay", type=float, default=4e-5)
-    train.add_argument("--tau-start", type=float, default=30.0)
-    train.add_argument("--anneal-fraction", type=float, default=SUPERNET_ANNEAL_FRACTION, help="share of steps annealing tau to 1")
+    add_recipe_args(train)
     add_run_args(train, "data split, sampling, supernet, calibration")
     parser.add_argument("--out", default="runs/supernet_ranking", help="folder for the supernet and the results")
     parser.add_argument(
@@ -182,7 +200,7 @@ def sample_in_band(
     quota = {cell: num_subnets // len(cells) + (i < num_subnets % len(cells)) for i, cell in enumerate(cells)}
     rng = random.Random(seed)
     chosen: dict[ArchSpec, Subnet] = {}
-    for _ in range(max_draws):
+    for draw in range(max_draws):
         params = dict(space.sample(seed=rng.randrange(2**63)).params)
         for arch in (space.decode(params).arch, _static(space, params)):
             kind = "dynamic" if any(b.is_dynamic for b in arch.blocks) else "static"
@@ -192,7 +210,7 @@ def sample_in_band(
             stratum = min(strata - 1, (macs - low) * strata // (high - low))
             if quota[(stratum, kind)] > 0:
                 quota[(stratum, kind)] -= 1
-                chosen[arch] = Subnet(arch, kind, macs, stratum)
+                chosen[arch] = Subnet(arch, kind, macs, stratum, draw)
         if not any(quota.values()):
             return sorted(chosen.values(), key=lambda s: s.macs)
     left = {f"bin {s + 1} {kind}": n for (s, kind), n in quota.items() if n}
@@ -200,6 +218,16 @@ def sample_in_band(
         f"`--mac-band` {low}:{high} is barely reached by {space.name!r}: after {max_draws} draws still missing {left}; "
         f"widen the band or use fewer `--num-subnets` / `--strata`."
     )
+
+
+def twins(subnets: Sequence[Subnet]) -> list[tuple[Subnet, Subnet]]:
+    """(static-only, dynamic) pairs of one draw in ``subnets``, in MAC order of the static one."""
+    by_draw: dict[int, dict[str, Subnet]] = {}
+    for subnet in subnets:
+        if subnet.draw >= 0:
+            by_draw.setdefault(subnet.draw, {})[subnet.kind] = subnet
+    pairs = [(d["static"], d["dynamic"]) for d in by_draw.values() if len(d) == 2]
+    return sorted(pairs, key=lambda pair: (pair[0].macs, pair[0].arch.to_str()))
 
 
 def _tau_b(x: Sequence[float], y: Sequence[float], pairs: Any) -> float:
@@ -237,8 +265,27 @@ def kendall_tau_across(x: Sequence[float], y: Sequence[float], group: Sequence[s
 
 def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig]:
     """(supernet, stand-alone) configs: one recipe, each with its epochs."""
-    recipe = TrainConfig(
-        epochs=args.epochs,
+    recipe = recipe_config(args, args.epochs)
+    supernet = SupernetTrainConfig(
+        train=dataclasses.replace(
+            recipe, epochs=args.supernet_epochs,
+            anneal_fraction=args.anneal_fraction if args.supernet_anneal_fraction is None else args.supernet_anneal_fraction,
+        ),
+        num_random=args.num_random,
+        distill=not args.no_distill,
+        val_calib_images=args.calib_images,
+    )
+    return supernet, recipe
+
+
+def recipe_config(args: argparse.Namespace, epochs: int) -> TrainConfig:
+    """The stand-alone :class:`TrainConfig` of ``args`` (:func:`add_recipe_args`, :func:`add_run_args`), ``epochs`` long.
+
+    Raises:
+        DynasError: a bad recipe value (before any data or file is touched).
+    """
+    return TrainConfig(
+        epochs=epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -250,16 +297,6 @@ def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig
         num_threads=args.num_threads,
         quiet=args.quiet,
     )
-    supernet = SupernetTrainConfig(
-        train=dataclasses.replace(
-            recipe, epochs=args.supernet_epochs,
-            anneal_fraction=args.anneal_fraction if args.supernet_anneal_fraction is None else args.supernet_anneal_fraction,
-        ),
-        num_random=args.num_random,
-        distill=not args.no_distill,
-        val_calib_images=args.calib_images,
-    )
-    return supernet, recipe
 
 
 # What a stand-alone result depends on besides its arch and seed: a row is reused only by a

@@ -162,6 +162,39 @@ def test_anneal_length_trains_each_fraction_and_the_static_twin(tmp_path, capsys
     assert {b.num_kernels for b in static.blocks} == {1} and closed_form_macs(static) < 1.5e6
 
 
+_TWIN_ARGS = ["--dataset", "digits", "--input-size", "16", "--train-subset", "300", "--batch-size", "32",
+              "--max-steps-per-epoch", "2", "--num-subnets", "16", "--strata", "2", "--mac-band", "0.8M:2.5M",
+              "--calib-images", "64", "--num-threads", "1", "--quiet"]
+
+
+def test_twin_gap_trains_each_twin_per_length_in_the_ranking_runs_rows(tmp_path, capsys):
+    script = _script("twin_gap")
+    assert script.main([*_TWIN_ARGS, "--pairs", "2", "--epochs", "1,2", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["epochs"] for r in rows] == [1, 1, 2, 2]
+    runs = [json.loads(line) for line in (tmp_path / "standalone.jsonl").read_text().splitlines()]
+    assert len(runs) == 8 and {r["setting"]["epochs"] for r in runs} == {1, 2}
+    top1 = {(r["arch"], r["setting"]["epochs"]): r["top1"] for r in runs}
+    for r in rows:
+        assert r["gap_points"] == pytest.approx(top1[(r["dynamic_arch"], r["epochs"])] - top1[(r["static_arch"], r["epochs"])])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["2"]["pairs"] == 2 and summary["2"]["mean_gap_points"] == pytest.approx(
+        sum(r["gap_points"] for r in rows if r["epochs"] == 2) / 2)
+    assert "mixed - static" in capsys.readouterr().out
+    # The rows are the ranking experiment's: one of its runs with the same recipe reuses them.
+    ranking = _script("supernet_ranking").build_parser().parse_args([*_TWIN_ARGS, "--epochs", "2"])
+    assert [r["setting"] for r in runs if r["setting"]["epochs"] == 2][0] == _script("supernet_ranking").standalone_setting(ranking)
+    # A rerun trains nothing more.
+    assert script.main([*_TWIN_ARGS, "--pairs", "2", "--epochs", "1,2", "--out", str(tmp_path)]) == 0
+    assert len((tmp_path / "standalone.jsonl").read_text().splitlines()) == 8
+
+
+def test_twin_gap_spreads_the_pairs_over_the_band():
+    spread = _script("twin_gap").spread
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9] and spread(list(range(10)), 3) == [0, 4, 9]
+    assert spread(list(range(5)), 1) == [2] and spread(list(range(3)), None) == spread(list(range(3)), 7) == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     ("script", "argv", "message"),
     [
@@ -170,6 +203,9 @@ def test_anneal_length_trains_each_fraction_and_the_static_twin(tmp_path, capsys
         ("supernet_ranking", ["--supernet-anneal-fraction", "1.5"],
          "`--supernet-anneal-fraction` must be a finite number in [0, 1], but got --supernet-anneal-fraction=1.5."),
         ("supernet_ranking", ["--anneal-fraction", "-0.1"], "`anneal_fraction` must be"),
+        ("twin_gap", ["--pairs", "0"], "`--pairs` must be an integer >= 1, but got pairs=0."),
+        ("twin_gap", ["--epochs", "20,0"], "`--epochs` must be integers >= 1, but got epochs=20,0."),
+        ("twin_gap", ["--lr", "-1"], "`lr` must be"),
         ("static_vs_dynamic", ["--dataset", "npz", "--data-root", "{missing}"], "npz file '{missing}' does not exist."),
         ("anneal_length", ["--dataset", "npz", "--data-root", "{missing}"], "npz file '{missing}' does not exist."),
         ("search_vs_baselines", ["--dataset", "npz", "--data-root", "{missing}", "--max-macs", "1M"],

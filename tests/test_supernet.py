@@ -730,6 +730,24 @@ def test_subnets_are_stratified_over_the_mac_band_by_kind():
     assert all(cells.count(c) == 2 for c in set(cells))
 
 
+def test_twins_are_one_draw_with_and_without_its_dynamic_blocks():
+    ranking = _ranking()
+    subnets = ranking.sample_in_band(_space(), ranking.parse_band("0.8M:2.5M"), num_subnets=16, strata=2, seed=0)
+    pairs = ranking.twins(subnets)
+    assert pairs and len(pairs) <= 8
+    assert [s.macs for s, _ in pairs] == sorted(s.macs for s, _ in pairs)
+    for static, dynamic in pairs:
+        assert (static.kind, dynamic.kind) == ("static", "dynamic") and static.draw == dynamic.draw >= 0
+        made_static = [dataclasses.replace(b, num_kernels=1) for b in dynamic.arch.blocks]
+        assert list(static.arch.blocks) == made_static and static.arch.head_num_kernels == 1
+        same_rest = dataclasses.replace(dynamic.arch, stages=static.arch.stages, head_num_kernels=1)
+        assert same_rest == static.arch  # stem, widths, head: the one draw
+    # A subnet whose draw's other half fell outside the band (or its quota) has no twin.
+    paired = {s.arch for pair in pairs for s in pair}
+    assert all(s.draw not in {p.draw for p, _ in pairs} for s in subnets if s.arch not in paired)
+    assert ranking.twins([s for s in subnets if s.kind == "static"]) == []
+
+
 def test_standalone_runs_are_scored_after_bn_recalibration_and_reruns_skip_them(digits, tmp_path):
     ranking = _ranking()
     subnet = ranking.sample_in_band(_space(), ranking.parse_band("0.8M:2.5M"), 2, 1, seed=0)[0]
