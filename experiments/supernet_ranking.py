@@ -312,6 +312,9 @@ def standalone_setting(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in STANDALONE_SETTING}
 
 
+_RUN_FIELDS = ("top1", "top1_raw", "seconds", "final_loss", "min_attention_entropy")  # the last two: None in older rows
+
+
 def _standalone(
     subnets: list[Subnet], data: DataBundle, recipe: TrainConfig, seeds: int, path: Path, calib_images: int, seed: int,
     setting: dict[str, Any], shard: tuple[int, int] = (0, 1),
@@ -338,7 +341,7 @@ def _standalone(
                 except ValueError:  # cut short by a killed write: that run is trained again
                     continue
                 if row.get("setting") == setting:  # older rows (raw only, or unrecorded setting) are trained again
-                    done[(row["arch"], row["seed"])] = {k: row[k] for k in ("top1", "top1_raw", "seconds")}
+                    done[(row["arch"], row["seed"])] = {k: row.get(k) for k in _RUN_FIELDS}
 
     read()
     index, count = shard
@@ -354,7 +357,12 @@ def _standalone(
             result = train_candidate(model, data, dataclasses.replace(recipe, seed=run_seed))
             recalibrate_bn(model, data, calib_images, seed=seed, device=recipe.device)
             top1 = evaluate(model.eval(), data, "val", device=recipe.device)
-            done[key] = {"top1": top1, "top1_raw": result.val_top1[-1], "seconds": result.train_seconds}
+            done[key] = {
+                "top1": top1, "top1_raw": result.val_top1[-1], "seconds": result.train_seconds,
+                # why a network lands where it does: under- or over-fitting, a collapsed attention
+                "final_loss": result.final_loss,
+                "min_attention_entropy": min(result.attention_entropy.values(), default=None),
+            }
             out.write(json.dumps({"arch": key[0], "seed": run_seed, **done[key], "setting": setting}) + "\n")
             out.flush()
     read()  # what the other shards finished meanwhile
