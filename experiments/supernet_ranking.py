@@ -73,8 +73,8 @@ from dynas.spaces import get_space
 from search_spaces.mobile import MobileSpace
 
 __all__ = [
-    "Subnet", "add_band_args", "add_recipe_args", "build_parser", "kendall_tau", "main", "parse_band", "recipe_config",
-    "sample_in_band", "twins",
+    "Subnet", "add_band_args", "add_recipe_args", "build_parser", "kendall_tau", "main", "parse_band", "read_runs",
+    "recipe_config", "sample_in_band", "twins",
 ]
 
 
@@ -315,15 +315,34 @@ def standalone_setting(args: argparse.Namespace) -> dict[str, Any]:
 _RUN_FIELDS = ("top1", "top1_raw", "seconds", "final_loss", "min_attention_entropy")  # the last two: None in older rows
 
 
+def read_runs(path: Path, setting: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """(arch string, seed) -> the run's fields, for the rows of ``path`` made with ``setting``.
+
+    Rows of another setting, and a line a killed write cut short, are left out (trained again).
+    """
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # cut short by a killed write: that run is trained again
+                continue
+            if row.get("setting") == setting:  # older rows (raw only, or unrecorded setting) are trained again
+                done[(row["arch"], row["seed"])] = {k: row.get(k) for k in _RUN_FIELDS}
+    return done
+
+
 def _standalone(
     subnets: list[Subnet], data: DataBundle, recipe: TrainConfig, seeds: int, path: Path, calib_images: int, seed: int,
     setting: dict[str, Any], shard: tuple[int, int] = (0, 1),
 ) -> dict:
-    """(arch string, seed) -> {"top1", "top1_raw", "seconds"}; reads and appends ``path`` (rerun-safe).
+    """(arch string, seed) -> the run's fields (``_RUN_FIELDS``); reads and appends ``path`` (rerun-safe).
 
     With ``shard = (i, n)`` only the runs whose position in (subnet, seed) order is ``i`` mod ``n``
     are trained here; the others are whatever ``path`` holds (other shards append to it too, a
-    line per write). The result may then lack runs: the caller checks.
+    line per write). The result may then lack runs: the caller checks, after reading ``path``
+    again (:func:`read_runs`) once all its calls are done, since another shard may finish a run of
+    an earlier call after that call returned here.
 
     ``top1`` is measured as the supernet's subnets are: after recalibrating BatchNorm on
     ``calib_images`` seeded training images ("precise BN"); ``top1_raw`` with the running
@@ -331,19 +350,7 @@ def _standalone(
     after 6 epochs of 10 steps on digits had 15.3% raw and 95.1% recalibrated val top-1. Each
     row records ``setting`` (:func:`standalone_setting`); rows of another setting are not reused.
     """
-    done: dict[tuple[str, int], dict[str, float]] = {}
-
-    def read() -> None:
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:  # cut short by a killed write: that run is trained again
-                    continue
-                if row.get("setting") == setting:  # older rows (raw only, or unrecorded setting) are trained again
-                    done[(row["arch"], row["seed"])] = {k: row.get(k) for k in _RUN_FIELDS}
-
-    read()
+    done = read_runs(path, setting)
     index, count = shard
     with path.open("a", encoding="utf-8") as out:
         if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
@@ -365,7 +372,7 @@ def _standalone(
             }
             out.write(json.dumps({"arch": key[0], "seed": run_seed, **done[key], "setting": setting}) + "\n")
             out.flush()
-    read()  # what the other shards finished meanwhile
+    done.update(read_runs(path, setting))  # what the other shards finished meanwhile
     return done
 
 
@@ -492,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             subnets, data, dataclasses.replace(recipe, epochs=args.proxy_epochs), args.seeds, out / "standalone.jsonl",
             args.calib_images, args.seed, {**setting, "epochs": args.proxy_epochs}, shard,
         )
+    # Read again: another shard may have finished a stand-alone run after the first call returned.
+    runs_of["standalone"] = standalone = read_runs(out / "standalone.jsonl", setting)
+    if "proxy" in runs_of:
+        runs_of["proxy"] = read_runs(out / "standalone.jsonl", {**setting, "epochs": args.proxy_epochs})
     missing = [(s.arch.to_str(), seed) for runs in runs_of.values() for s in subnets for seed in range(args.seeds)
                if (s.arch.to_str(), seed) not in runs]
     if missing:  # another shard is still training them

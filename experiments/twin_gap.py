@@ -34,8 +34,8 @@ from typing import Any
 
 from _args import add_data_args, add_run_args, run, seed_list
 from supernet_ranking import (
-    Subnet, _standalone, add_band_args, add_recipe_args, parse_band, parse_shard, recipe_config, sample_in_band,
-    standalone_setting, twins,
+    Subnet, _standalone, add_band_args, add_recipe_args, parse_band, parse_shard, read_runs, recipe_config,
+    sample_in_band, standalone_setting, twins,
 )
 
 from dynas.config import apply_config, write_resolved
@@ -126,11 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(args, out / "config.yaml")
     setting = standalone_setting(args)  # its "epochs" is set per length below
-    runs = {
-        epochs: _standalone(order, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed,
-                            {**setting, "epochs": epochs}, shard)
-        for epochs, recipe in recipes.items()
-    }
+    for epochs, recipe in recipes.items():
+        _standalone(order, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed,
+                    {**setting, "epochs": epochs}, shard)
+    # Read once all are done: another shard may have finished a run of an earlier length meanwhile.
+    runs = {epochs: read_runs(out / "standalone.jsonl", {**setting, "epochs": epochs}) for epochs in recipes}
     missing = sum((s.arch.to_str(), seed) not in runs[e] for e in runs for s in order for seed in range(args.seeds))
     if missing:
         print(f"shard {args.shard}: done; {missing} runs are left to the other shards, and the last of them to "

@@ -189,6 +189,33 @@ def test_twin_gap_trains_each_twin_per_length_in_the_ranking_runs_rows(tmp_path,
     assert len((tmp_path / "standalone.jsonl").read_text().splitlines()) == 8
 
 
+def test_twin_gap_writes_the_results_when_another_shard_finished_an_earlier_length_late(tmp_path, monkeypatch, capsys):
+    script = _script("twin_gap")
+    argv = [*_TWIN_ARGS, "--pairs", "1", "--epochs", "1,2"]
+    assert script.main([*argv, "--out", str(tmp_path / "all")]) == 0
+    rows = (tmp_path / "all" / "standalone.jsonl").read_text().splitlines()
+    other = [rows[1], rows[3]]  # shard 1/2's runs: the second network of each length
+    shard = tmp_path / "shard"
+    shard.mkdir()
+    (shard / "standalone.jsonl").write_text(other[1] + "\n")  # shard 1 had its 2-epoch run ...
+    train = script._standalone
+    calls = []
+
+    def late(*args, **kwargs):
+        done = train(*args, **kwargs)
+        if not calls:  # ... and finished its 1-epoch one only after shard 0 had read that length's rows
+            with (shard / "standalone.jsonl").open("a") as out:
+                out.write(other[0] + "\n")
+        calls.append(1)
+        return done
+
+    monkeypatch.setattr(script, "_standalone", late)
+    assert script.main([*argv, "--shard", "0/2", "--out", str(shard)]) == 0
+    assert "mixed - static" in capsys.readouterr().out
+    assert len((shard / "standalone.jsonl").read_text().splitlines()) == 4  # its two runs, the other shard's two
+    assert [json.loads(r)["epochs"] for r in (shard / "results.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_twin_gap_spreads_the_pairs_over_the_band():
     spread = _script("twin_gap").spread
     assert spread(list(range(10)), 4) == [0, 3, 6, 9] and spread(list(range(10)), 3) == [0, 4, 9]
