@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--num-random", type=int, default=SupernetTrainConfig.num_random, help="random subnets per step besides largest / smallest")
     sup.add_argument("--no-distill", action="store_true", help="train every subnet on the labels")
     sup.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="residual",
-                     help="a dynamic layer's K kernels: residual (kernel k = W0 + D_k) or independent")
+                     help="a dynamic layer's K kernels: residual (kernel k = W0 + D_k), independent or separate (static kernel apart)")
     sup.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                      help="start the always-residual blocks as the identity (last BN scale 0, BigNAS)")
     sup.add_argument(
@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", default="0/1",
         help="I/N: train only every N-th stand-alone run, from the I-th (run N copies with I = 0..N-1 "
              "on one --out to use N cores; the last to finish writes the results)",
+    )
+    parser.add_argument(
+        "--standalone-only", action="store_true",
+        help="train (this shard's share of) the stand-alone runs and stop: no supernet, no scores; a later "
+             "run on the same --out reuses the rows",
     )
     return parser
 
@@ -489,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return supernet, train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
 
     # Shard 0 trains the supernet first; the other shards start on the stand-alone runs at once.
-    trained = trained_supernet() if shard[0] == 0 else None
+    trained = trained_supernet() if shard[0] == 0 and not args.standalone_only else None
     setting = standalone_setting(args)
     standalone = _standalone(subnets, data, recipe, args.seeds, out / "standalone.jsonl", args.calib_images, args.seed,
                              setting, shard)
@@ -505,6 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs_of["proxy"] = read_runs(out / "standalone.jsonl", {**setting, "epochs": args.proxy_epochs})
     missing = [(s.arch.to_str(), seed) for runs in runs_of.values() for s in subnets for seed in range(args.seeds)
                if (s.arch.to_str(), seed) not in runs]
+    if args.standalone_only:
+        print(f"shard {args.shard}: stand-alone runs done; {len(missing)} of this setting are left to other shards; "
+              f"rows in {out / 'standalone.jsonl'}")
+        return 0
     if missing:  # another shard is still training them
         print(f"shard {args.shard}: done; {len(missing)} stand-alone runs are left to the other shards, and the "
               f"last of them to finish writes the results (or rerun with --shard 0/1 when they have).")

@@ -275,7 +275,7 @@ def test_save_and_load_round_trip(supernet, tmp_path):
 
 def test_a_residual_bank_holds_kernels_1_on_as_offsets_from_kernel_0():
     torch.manual_seed(0)
-    conv = ElasticConv2d(8, 16, 3, num_kernels=4, residual=True)
+    conv = ElasticConv2d(8, 16, 3, num_kernels=4, bank="residual")
     w = conv.weight.detach()
     ratio = float(w[1:].std() / w[0].std())
     assert abs(ratio - RESIDUAL_INIT_SCALE) < 0.1  # offsets start at a fraction of a kernel's scale
@@ -308,6 +308,60 @@ def test_a_residual_supernet_extracts_exactly_and_round_trips(tmp_path):
             assert torch.equal(loaded(x), expected)
 
 
+def test_a_separate_bank_holds_the_static_kernel_apart_from_the_dynamic_ones():
+    torch.manual_seed(0)
+    conv = ElasticConv2d(8, 16, 3, num_kernels=4, bank="separate")
+    w = conv.weight.detach()
+    assert w.shape == (5, 16, 8, 3, 3)  # the static kernel, then 4 dynamic ones, all at a kernel's scale
+    assert all(abs(float(w[k].std() / w[0].std()) - 1) < 0.15 for k in range(1, 5))
+    conv.set_active(16, 3, 3)
+    assert torch.equal(conv.active_weight(8), w[1:4])  # K = 3: the dynamic kernels, not the static one
+    reference = DynamicConv2d(8, 16, 3, padding=1, bias=False, num_kernels=3, temperature=30.0)
+    conv.copy_active_to(reference)
+    x = torch.randn(2, 8, 7, 7)
+    assert torch.equal(reference.weight, w[1:4]) and _relative_error(conv(x), reference(x)) < 1e-5
+    conv.set_active(12, 1, 1)  # K = 1: the static kernel alone
+    x = torch.randn(2, 6, 9, 9)
+    assert torch.equal(conv(x), F.conv2d(x, w[0, :12, :6, 1:2, 1:2]))
+    assert ElasticConv2d(8, 16, 3, bank="separate").weight.shape[0] == 1  # no dynamic choice: one kernel
+    with pytest.raises(ValueError, match="`bank` must be one of independent, residual, separate"):
+        ElasticConv2d(8, 16, 3, bank="shared")
+
+
+@pytest.mark.parametrize("ops", [False, True], ids=["mobile_cifar", "mobile_cifar_ops"])
+def test_a_separate_supernet_extracts_exactly_and_round_trips(ops, tmp_path):
+    torch.manual_seed(4)
+    net = Supernet(MobileCifarOpsSpace(input_size=SIZE) if ops else _space(), kernel_bank="separate")
+    _randomize(net, seed=4)
+    net.eval().temperature = 1.0
+    loaded = load_supernet(net.save(tmp_path / "supernet.pt"))
+    assert loaded.kernel_bank == "separate"
+    archs = OPS_ARCHS if ops else [ARCHS[0], ARCHS[1], *ARCHS[-len(net.space.num_kernels):]]
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for arch in archs:
+        model = net.extract(arch).eval()
+        with torch.no_grad(), net.activate(arch), loaded.activate(arch):
+            if not ops:
+                expected = net(x)
+                assert _relative_error(model(x), expected) < 1e-5 and torch.equal(loaded(x), expected)
+                continue
+            # Block by block, as the ops tests do (a whole random network overflows).
+            for i, stage in enumerate(arch.stages):
+                for j in range(len(stage.blocks)):
+                    h = torch.randn(2, net.stages[i][j].active.in_channels, 8, 8)
+                    expected = net.stages[i][j](h)
+                    assert _relative_error(model.stages[i][j](h), expected) < 1e-5, (i, j)
+                    assert torch.equal(loaded.stages[i][j](h), expected)
+    if ops:  # the static conv and DCD's W0 are one kernel; DY-conv and ODConv start from their own
+        space = net.space
+        base = {c.label: c.values[i % len(c.values)] for i, c in enumerate(space.choices())}
+        convs = [net.extract(space.decode({**base, "s1_b1_op": op, "s1_b1_num_kernels": 2, "s1_b1_od_num_kernels": 1}).arch)
+                 .stages[0][0].project.conv for op in ("static", "dcd", "dy", "od")]
+        assert [type(c) for c in convs] == [nn.Conv2d, DCDConv2d, DynamicConv2d, ODConv2d]
+        assert torch.equal(convs[1].weight, convs[0].weight)
+        assert torch.equal(convs[2].weight[0], convs[3].weight[0]) and not torch.equal(convs[2].weight[0], convs[0].weight)
+
+
 def test_an_older_supernet_file_without_a_kernel_bank_loads_as_independent(supernet, tmp_path):
     path = supernet.save(tmp_path / "supernet.pt")
     payload = torch.load(path, weights_only=True)
@@ -315,12 +369,12 @@ def test_an_older_supernet_file_without_a_kernel_bank_loads_as_independent(super
     torch.save(payload, path)
     assert load_supernet(path).kernel_bank == "independent"
     torch.save({**payload, "kernel_bank": "shared"}, path)
-    with pytest.raises(DynasError, match=r"supernet file .* has kernel_bank='shared'; this dynas reads independent, residual"):
+    with pytest.raises(DynasError, match=r"supernet file .* has kernel_bank='shared'; this dynas reads independent, residual, separate"):
         load_supernet(path)
 
 
 def test_a_bad_kernel_bank_is_refused():
-    with pytest.raises(DynasError, match=r"unknown kernel_bank 'residul'; choose one of independent, residual.*'residual'"):
+    with pytest.raises(DynasError, match=r"unknown kernel_bank 'residul'; choose one of independent, residual, separate.*'residual'"):
         Supernet(_space(), kernel_bank="residul")
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "ElasticOmniAttention",
     "ElasticLinear",
     "ElasticSqueezeExcite",
+    "KERNEL_BANKS",
     "centre_crop",
 ]
 
@@ -53,6 +54,10 @@ __all__ = [
 #: kaiming scale: the kernels start apart (the attention has something to choose between) but
 #: close to the static kernel.
 RESIDUAL_INIT_SCALE = 0.5
+
+#: How a dynamic layer holds its kernels (:class:`ElasticConv2d`'s ``bank``, :class:`Supernet`'s
+#: ``kernel_bank``).
+KERNEL_BANKS = ("independent", "residual", "separate")
 
 
 def centre_crop(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -323,15 +328,22 @@ class ElasticConv2d(nn.Module):
         dcd_latent, dcd_pools, dcd_reduction: DCD's largest latent width (0 = no DCD; a 1x1
             conv only), the pools its attention meets (see :class:`ElasticDCDBranch`) and its
             attention's fc-squeeze.
-        residual: hold kernels ``1..`` as offsets from kernel 0: kernel ``k`` is
-            ``weight[0] + weight[k]`` (the mixture is ``W0 + sum_k pi_k D_k``), so the static
-            kernel is the centre of every mixture instead of one kernel among K.
+        bank: how the kernels are held (:data:`KERNEL_BANKS`). ``"independent"``: K_bank kernels
+            of their own, kernel 0 the static conv. ``"residual"``: kernels ``1..`` are offsets
+            from kernel 0, kernel ``k`` is ``weight[0] + weight[k]`` (the mixture is
+            ``W0 + sum_k pi_k D_k``), so the static kernel is the centre of every mixture.
+            ``"separate"``: a layer with a dynamic choice holds the static kernel (``weight[0]``,
+            also DCD's ``W0``) apart from K_bank independent dynamic kernels (``weight[1:]``), so
+            that a dynamic choice trains as a stand-alone dynamic conv does, from kernels of its
+            own, and K = 1 is still exactly a static conv.
 
     The weight is ``(K_bank, Cout_max, Cin_max/g, k_max, k_max)``, ``K_bank = max(num_kernels,
     od_kernels, 1)``, for static layers too, so that kernel 0 is the static conv of every subnet
-    that has K = 1 (and ODConv's first kernel, and DCD's ``W0``). With ``residual``, the stored
-    kernels ``1..`` are offsets from kernel 0 (initialised at :data:`RESIDUAL_INIT_SCALE` of a
-    kernel's scale); :meth:`active_weight` and :meth:`copy_active_to` give the kernels themselves.
+    that has K = 1 (and ODConv's first kernel, and DCD's ``W0``); with ``"separate"`` and a
+    dynamic choice it is ``1 + K_bank`` kernels, the static one first. With ``"residual"``, the
+    stored kernels ``1..`` are offsets from kernel 0 (initialised at :data:`RESIDUAL_INIT_SCALE`
+    of a kernel's scale); :meth:`active_weight` and :meth:`copy_active_to` give the kernels
+    themselves.
     """
 
     def __init__(
@@ -349,9 +361,11 @@ class ElasticConv2d(nn.Module):
         dcd_latent: int = 0,
         dcd_pools: frozenset[bool] = frozenset(),
         dcd_reduction: int = 16,
-        residual: bool = False,
+        bank: str = "independent",
     ) -> None:
         super().__init__()
+        if bank not in KERNEL_BANKS:
+            raise ValueError(f"`bank` must be one of {', '.join(KERNEL_BANKS)}, but got {bank=}.")
         if kernel_size % 2 != 1:
             raise ValueError(f"`kernel_size` must be odd, but got {kernel_size=}.")
         if depthwise and in_channels != out_channels:
@@ -365,12 +379,14 @@ class ElasticConv2d(nn.Module):
         self.depthwise = depthwise
         self.num_kernels = num_kernels
         self.od_kernels = od_kernels
-        self.residual = residual
+        self.bank = bank
         self.temperature = 30.0
         cin_g = 1 if depthwise else in_channels
-        bank = max(num_kernels, od_kernels, 1)
+        # Where the dynamic kernels start: 1 when the static kernel is held apart from them.
+        self.dynamic_start = int(bank == "separate" and (num_kernels > 1 or od_kernels > 0))
+        kernels = self.dynamic_start + max(num_kernels, od_kernels, 1)
         # (K_bank, Cout_max, Cin_max/g, k_max, k_max)
-        self.weight = nn.Parameter(torch.empty(bank, out_channels, cin_g, kernel_size, kernel_size))
+        self.weight = nn.Parameter(torch.empty(kernels, out_channels, cin_g, kernel_size, kernel_size))
         self.attention = (
             ElasticKernelAttention(in_channels, num_kernels, reduction, min_hidden) if num_kernels > 1 else None
         )
@@ -390,11 +406,11 @@ class ElasticConv2d(nn.Module):
     def reset_parameters(self) -> None:
         """Each kernel as ``init_weights`` does a conv: kaiming normal, fan_out (of the largest).
 
-        With ``residual``, the offsets ``1..`` are drawn at :data:`RESIDUAL_INIT_SCALE` of that.
+        With ``"residual"``, the offsets ``1..`` are drawn at :data:`RESIDUAL_INIT_SCALE` of that.
         """
         for k in range(self.weight.shape[0]):
             nn.init.kaiming_normal_(self.weight.data[k], mode="fan_out")
-            if self.residual and k > 0:
+            if self.bank == "residual" and k > 0:
                 self.weight.data[k] *= RESIDUAL_INIT_SCALE
 
     def set_active(self, out_channels: int, kernel_size: int, num_kernels: int, op: str = "dy", latent: int = 0) -> None:
@@ -422,8 +438,10 @@ class ElasticConv2d(nn.Module):
         cout = in_channels if self.depthwise else self.active_out_channels
         cin_g = 1 if self.depthwise else in_channels
         k = 1 if self.active_op == "dcd" else self.active_num_kernels
-        weight = centre_crop(self.weight[:k, :cout, :cin_g], self.active_kernel_size)
-        if self.residual and k > 1:
+        static = self.active_op == "dcd" or (self.active_op == "dy" and k == 1)
+        start = 0 if static else self.dynamic_start  # "separate": the dynamic kernels' own bank
+        weight = centre_crop(self.weight[start : start + k, :cout, :cin_g], self.active_kernel_size)
+        if self.bank == "residual" and k > 1:
             weight = torch.cat([weight[:1], weight[:1] + weight[1:]])  # kernel k = W0 + D_k
         return weight
 
@@ -490,8 +508,8 @@ class ElasticConv2d(nn.Module):
             s += f", od_kernels={self.od_kernels}"
         if "dcd" in self._modules:
             s += f", dcd_latent={self.dcd.latent}"
-        if self.residual:
-            s += ", residual=True"
+        if self.bank != "independent":
+            s += f", bank={self.bank!r}"
         return s
 
 

@@ -42,7 +42,7 @@ from dynas.checks import check_name
 from dynas.data import DataBundle
 from dynas.errors import DynasError, did_you_mean
 from dynas.spec import ArchSpec, BlockSpec, dcd_latent_channels, expanded_channels, se_channels
-from dynas.supernet.elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite
+from dynas.supernet.elastic import KERNEL_BANKS, ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite
 
 if TYPE_CHECKING:
     from search_spaces.mobile import MobileSpace
@@ -55,8 +55,6 @@ _FILE_VERSION = 1
 _FILE_KEYS = ("space", "input_size", "num_classes", "temperature", "progress", "state_dict")
 #: Labels of a mobile space that set training, not the architecture.
 _TRAINING_LABELS = ("tau_start", "anneal_fraction")
-#: How a dynamic layer's K kernels are held (:class:`Supernet`'s ``kernel_bank``).
-KERNEL_BANKS = ("independent", "residual")
 
 
 # ----------------------------------------------------------------------------- block dimensions
@@ -200,10 +198,10 @@ class _ElasticBlock(nn.Module):
     """An inverted residual of the largest dims; runs whichever dims are active."""
 
     def __init__(
-        self, dims: _BlockDims, reduction: int, min_hidden: int, dcd_reduction: int = 16, residual: bool = False
+        self, dims: _BlockDims, reduction: int, min_hidden: int, dcd_reduction: int = 16, bank: str = "independent"
     ) -> None:
         super().__init__()
-        attn = {"reduction": reduction, "min_hidden": min_hidden, "dcd_reduction": dcd_reduction, "residual": residual}
+        attn = {"reduction": reduction, "min_hidden": min_hidden, "dcd_reduction": dcd_reduction, "bank": bank}
         cin, mid = dims.in_channels, dims.mid_channels
         pw = {"num_kernels": dims.pw_kernels, "od_kernels": dims.od_kernels, **attn}
         if dims.expand:
@@ -274,9 +272,11 @@ class Supernet(nn.Module):
         kernel_bank: how a dynamic layer holds its K kernels. ``"residual"`` (default): kernel 0
             is the static conv and kernels ``1..`` are offsets from it (kernel k = W0 + D_k), so
             every mixture is centred on the static kernel
-            (:class:`~dynas.supernet.elastic.ElasticConv2d`'s ``residual``). ``"independent"``:
+            (:class:`~dynas.supernet.elastic.ElasticConv2d`'s ``bank``). ``"independent"``:
             K kernels of their own, kernel 0 the static conv (supernets before this choice).
-            Either way a subnet extracts to the same plain modules.
+            ``"separate"``: a static kernel apart from K independent dynamic kernels, so that a
+            dynamic choice trains from kernels of its own, as it does stand-alone. Every way a
+            subnet extracts to the same plain modules.
         zero_init_residual: start every block that is always residual (a stage's second block
             on) with its last BatchNorm's scale at 0, so that the block starts as the identity
             (BigNAS's initialisation for a single-stage supernet). Together with the residual
@@ -318,7 +318,7 @@ class Supernet(nn.Module):
         stem = max(a.stem_channels for a in refs)
         stem_conv = ElasticConv2d(largest.in_channels, stem, 3, largest.stem_stride)
         self.stem = _ConvBnAct(stem_conv, largest.stem_activation)
-        attn["residual"] = kernel_bank == "residual"
+        attn["bank"] = kernel_bank
         blocks = {**attn, "dcd_reduction": largest.dcd_reduction}
         self.stages = nn.ModuleList(nn.ModuleList(_ElasticBlock(d, **blocks) for d in stage) for stage in dims)
         head_conv = ElasticConv2d(
