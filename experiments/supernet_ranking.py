@@ -317,7 +317,8 @@ def standalone_setting(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in STANDALONE_SETTING}
 
 
-_RUN_FIELDS = ("top1", "top1_raw", "seconds", "final_loss", "min_attention_entropy")  # the last two: None in older rows
+#: A stand-alone row's fields; the last three are None in rows written before they were kept.
+_RUN_FIELDS = ("top1", "top1_raw", "seconds", "train_top1", "final_loss", "min_attention_entropy")
 
 
 def read_runs(path: Path, setting: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -372,6 +373,7 @@ def _standalone(
             done[key] = {
                 "top1": top1, "top1_raw": result.val_top1[-1], "seconds": result.train_seconds,
                 # why a network lands where it does: under- or over-fitting, a collapsed attention
+                "train_top1": evaluate(model.eval(), data, "train", device=recipe.device),  # no augmentation
                 "final_loss": result.final_loss,
                 "min_attention_entropy": min(result.attention_entropy.values(), default=None),
             }

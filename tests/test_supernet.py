@@ -810,7 +810,7 @@ def test_standalone_runs_are_scored_after_bn_recalibration_and_reruns_skip_them(
     path.write_text(json.dumps({"arch": subnet.arch.to_str(), "seed": 0, "top1": 50.0, "seconds": 1.0}) + "\n")
     done = ranking._standalone([subnet], digits, recipe, 1, path, calib_images=32, seed=0, setting={"calib_images": 32})
     row = done[(subnet.arch.to_str(), 0)]
-    assert set(row) == {"top1", "top1_raw", "seconds", "final_loss", "min_attention_entropy"} and row["top1"] != 50.0  # the old raw-only row retrained
+    assert set(row) == {"top1", "top1_raw", "seconds", "train_top1", "final_loss", "min_attention_entropy"} and row["top1"] != 50.0  # the old raw-only row retrained
     assert ranking._standalone([subnet], digits, recipe, 1, path, calib_images=32, seed=0, setting={"calib_images": 32}) == done  # read back
     assert len(path.read_text().splitlines()) == 2
     # another calibration (or recipe) is another measurement: trained again, the first row kept
