@@ -362,6 +362,18 @@ def test_a_separate_supernet_extracts_exactly_and_round_trips(ops, tmp_path):
         assert torch.equal(convs[2].weight[0], convs[3].weight[0]) and not torch.equal(convs[2].weight[0], convs[0].weight)
 
 
+def test_a_separate_supernet_trains_its_static_and_its_dynamic_kernels(digits, tmp_path):
+    torch.manual_seed(0)
+    net = Supernet(_space(), kernel_bank="separate")
+    convs = [m for m in net.modules() if isinstance(m, ElasticConv2d) and m.dynamic_start]
+    assert convs and all(c.weight.shape[0] == 1 + c.num_kernels for c in convs)
+    before = [c.weight.detach().clone() for c in convs]
+    train_supernet(net, digits, _tiny_config(epochs=1, steps=2, val_calib_images=0), run_dir=tmp_path)
+    # The smallest subnet (all static) trains kernel 0, the largest (K_max everywhere) kernels 1..
+    assert all(not torch.equal(c.weight[0], b[0]) for c, b in zip(convs, before))
+    assert all(not torch.equal(c.weight[1:], b[1:]) for c, b in zip(convs, before))
+
+
 def test_an_older_supernet_file_without_a_kernel_bank_loads_as_independent(supernet, tmp_path):
     path = supernet.save(tmp_path / "supernet.pt")
     payload = torch.load(path, weights_only=True)
