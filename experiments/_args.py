@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from dynas.config import apply_config
 from dynas.data import DATASETS
 from dynas.errors import DynasError
 
-__all__ = ["add_data_args", "add_run_args", "run", "seed_list"]
+__all__ = ["add_data_args", "add_run_args", "parse_args", "run", "seed_list", "train_subset"]
 
 
 def run(main: Callable[[], int]) -> int:
@@ -23,6 +24,20 @@ def run(main: Callable[[], int]) -> int:
     except DynasError as err:
         print(f"dynas: error: {err}", file=sys.stderr)
         return 2
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser``'s arguments, where ``--config file.yaml`` sets defaults that flags override."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        apply_config(parser, pre.config)
+    return parser.parse_args(argv)
+
+
+def train_subset(args: argparse.Namespace) -> int | float | None:
+    """``--train-subset`` as ``load_data`` takes it: a count (an int, >= 1) or a fraction."""
+    value = args.train_subset
+    return int(value) if value is not None and value >= 1 else value
 
 
 def add_data_args(parser: argparse.ArgumentParser, input_size_help: str = "resize images (default: native)") -> None:

@@ -41,11 +41,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _args import add_data_args, add_run_args, run, seed_list
+from _args import add_data_args, add_run_args, parse_args, run, seed_list, train_subset
 
 import dynas
 from dynas.builder import build_model
-from dynas.config import apply_config, write_resolved
+from dynas.config import write_resolved
 from dynas.cost import closed_form_macs, closed_form_params, parse_count
 from dynas.data import DataBundle, load_data
 from dynas.spec import ArchSpec
@@ -172,11 +172,8 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both searches, retrain the picks, print the table and write ``retrain.png``."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        apply_config(parser, pre.config)
-    args = parser.parse_args(argv)
-    subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
+    args = parse_args(parser, argv)
+    subset = train_subset(args)
     data = load_data(args.dataset, args.data_root, input_size=args.input_size, val_fraction=args.val_fraction,
                      train_subset=subset, seed=args.seed)
     recipe = TrainConfig(

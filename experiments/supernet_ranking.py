@@ -56,11 +56,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _args import add_data_args, add_run_args, run
+from _args import add_data_args, add_run_args, parse_args, run, train_subset
 
 from dynas.builder import build_model
 from dynas.checks import check_number
-from dynas.config import apply_config, write_resolved
+from dynas.config import write_resolved
 from dynas.cost import closed_form_macs, closed_form_params, parse_count
 from dynas.data import DataBundle, load_data
 from dynas.errors import DynasError
@@ -463,10 +463,7 @@ def _report(summary: dict[str, Any], band: tuple[int, int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train the supernet, sample, score, train stand-alone, and print the rank correlations."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        apply_config(parser, pre.config)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     band = parse_band(args.mac_band)
     shard = parse_shard(args.shard)
     if args.seeds < 1:
@@ -479,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.supernet_anneal_fraction is not None:
         check_number("--supernet-anneal-fraction", args.supernet_anneal_fraction, 0.0, 1.0)
     supernet_config, recipe = _configs(args)  # refuses a bad recipe value before any data or file
-    subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
+    subset = train_subset(args)
     data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
                      input_size=args.input_size, seed=args.seed)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)

@@ -32,13 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _args import add_data_args, add_run_args, run, seed_list
+from _args import add_data_args, add_run_args, parse_args, run, seed_list, train_subset
 from supernet_ranking import (
     Subnet, _standalone, add_band_args, add_recipe_args, parse_band, parse_shard, read_runs, recipe_config,
     sample_in_band, standalone_setting, twins,
 )
 
-from dynas.config import apply_config, write_resolved
+from dynas.config import write_resolved
 from dynas.data import load_data
 from dynas.errors import DynasError
 from dynas.spaces import get_space
@@ -94,10 +94,7 @@ def gap_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Sample the twins, train each for every length, and print the gap per length."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        apply_config(parser, pre.config)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     band = parse_band(args.mac_band)
     shard = parse_shard(args.shard)
     if args.seeds < 1:
@@ -107,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.epochs) < 1:
         raise DynasError(f"`--epochs` must be integers >= 1, but got epochs={','.join(map(str, args.epochs))}.")
     recipes = {epochs: recipe_config(args, epochs) for epochs in args.epochs}  # a bad value is refused here
-    subset = int(args.train_subset) if args.train_subset is not None and args.train_subset >= 1 else args.train_subset
+    subset = train_subset(args)
     data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
                      input_size=args.input_size, seed=args.seed)
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
