@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--supernet-epochs", type=int, default=30)
     sup.add_argument("--num-random", type=int, default=SupernetTrainConfig.num_random, help="random subnets per step besides largest / smallest")
     sup.add_argument("--no-distill", action="store_true", help="train every subnet on the labels")
+    sup.add_argument("--largest-static", action="store_true",
+                     help="also train the largest all-static subnet every step (its static kernels at full width)")
     sup.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="residual",
                      help="a dynamic layer's K kernels: residual (kernel k = W0 + D_k), independent or separate (static kernel apart)")
     sup.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
@@ -278,6 +280,7 @@ def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig
         ),
         num_random=args.num_random,
         distill=not args.no_distill,
+        largest_static=args.largest_static,
         val_calib_images=args.calib_images,
     )
     return supernet, recipe

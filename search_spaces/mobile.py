@@ -133,6 +133,22 @@ class MobileSpace(SearchSpace):
         """Blocks beyond their stage's depth are inactive; K and tau only when a block is dynamic."""
         return self._rules[choice.label](params)
 
+    def largest_static(self) -> ArchSpec:
+        """The largest architecture with every block static (``*_dynamic`` off / ``*_op`` static).
+
+        The widest, deepest static network of the space: what a supernet trains besides
+        :meth:`largest` so that its static kernels learn at full size every step.
+        """
+
+        def value_of(choice: Choice, _: dict[str, Any]) -> Any:
+            if choice.label.endswith("_dynamic"):
+                return False
+            if choice.label.endswith("_op"):
+                return "static"
+            return max(choice.values)
+
+        return self.make_candidate(self._walk(value_of)).arch
+
     # ------------------------------------------------------------------ decoding
 
     def make_candidate(self, params: Mapping[str, Any]) -> Candidate:

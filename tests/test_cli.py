@@ -200,6 +200,18 @@ def test_a_refused_supernet_resume_leaves_the_run_folder_alone(tmp_path, capsys)
     assert {p.name: p.read_bytes() for p in sn.iterdir()} == before  # config.yaml included
 
 
+@pytest.mark.parametrize("flag", [[], ["--largest-static"]])
+def test_the_supernet_command_passes_the_sandwich_settings_on(tmp_path, monkeypatch, flag):
+    import dynas.supernet
+
+    seen = []
+    monkeypatch.setattr(dynas.supernet, "train_supernet", lambda net, data, config, **kw: seen.append(config) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # stop at training: the config is what is checked
+        main(["supernet", "--run-dir", str(tmp_path / "sn"), *TINY, "--num-random", "3", "--no-distill", *flag])
+    (config,) = seen
+    assert (config.num_random, config.distill, config.largest_static) == (3, False, bool(flag))
+
+
 def test_supernet_train_then_search_with_it(tmp_path, capsys):
     sn = tmp_path / "sn"
     assert main(["supernet", "--run-dir", str(sn), *TINY, "--val-calib-images", "32"]) == 0

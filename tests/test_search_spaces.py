@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -97,6 +98,18 @@ def test_mobile_smallest_and_largest_are_the_extremes(name):
     assert all(b.num_kernels == 1 and not b.se and b.kernel_size == 3 for b in small.blocks)
     assert all(b.num_kernels == 8 and b.se and b.kernel_size == 7 for b in large.blocks)
     assert len(small.blocks) < len(large.blocks) and small.stem_channels < large.stem_channels
+
+
+@pytest.mark.parametrize("name", ["mobile_cifar", "mobile_cifar_ops", "mobile_imagenet"])
+def test_the_largest_static_arch_is_the_largest_with_every_block_static(name):
+    space = get_space(name)
+    large, static = space.largest(), space.largest_static()
+    assert any(b.is_dynamic for b in large.blocks) and not any(b.is_dynamic for b in static.blocks)
+    assert all(b.num_kernels == 1 and b.op == "dy" and b.latent == 0 for b in static.blocks)
+    # every other choice at its largest: the same network as the largest, with static convolutions
+    as_static = [dataclasses.replace(b, num_kernels=1, op="dy", dynamic_convs="pw", latent=0) for b in large.blocks]
+    assert list(static.blocks) == as_static and static.stem_channels == large.stem_channels
+    assert static.head_channels == large.head_channels
 
 
 def test_mobile_labels():

@@ -570,6 +570,32 @@ def test_sandwich_is_largest_smallest_then_seeded_random_subnets(supernet):
     assert archs[2:] != sandwich(supernet, step=8, num_random=3, seed=1)[2:]
 
 
+def test_sandwich_with_the_largest_static_subnet_puts_it_second(supernet):
+    archs = sandwich(supernet, step=7, num_random=3, seed=1, largest_static=True)
+    assert archs[:3] == [supernet.largest, supernet.largest_static, supernet.smallest]
+    assert archs[3:] == sandwich(supernet, step=7, num_random=3, seed=1)[2:]  # the same random draws
+    assert supernet.largest_static == supernet.space.largest_static()
+    with pytest.raises(DynasError, match="`largest_static` must be a bool, but got largest_static='yes'"):
+        SupernetTrainConfig(largest_static="yes")
+
+
+@pytest.mark.parametrize("largest_static", [False, True])
+def test_the_largest_static_subnet_trains_the_static_kernels_the_smallest_never_reaches(digits, largest_static):
+    # With a separate bank and no random subnets, a block beyond the smallest's depth runs its
+    # static kernel only in the largest static subnet (the largest runs its dynamic kernels).
+    torch.manual_seed(0)
+    # (the block starts as the identity with zero_init_residual, and then none of its convs learns in step 1)
+    net = Supernet(TinySpace(input_size=SIZE), kernel_bank="separate", zero_init_residual=False)
+    deep = [m for m in net.stages[0][1].modules() if isinstance(m, ElasticConv2d) and m.dynamic_start]
+    assert deep and net.smallest.stages[0].blocks[1:] == ()
+    before = [c.weight.detach().clone() for c in deep]
+    train = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, warmup_epochs=0.0, weight_decay=0.0, quiet=True)
+    config = SupernetTrainConfig(train=train, num_random=0, largest_static=largest_static, val_calib_images=0)
+    train_supernet(net, digits, config)
+    assert all(not torch.equal(c.weight[1:], b[1:]) for c, b in zip(deep, before))  # the largest's dynamic kernels
+    assert all(torch.equal(c.weight[0], b[0]) != largest_static for c, b in zip(deep, before))
+
+
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory):
     """One epoch of one step, validated: (supernet, its initial state, result, run_dir)."""

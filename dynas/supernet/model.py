@@ -304,6 +304,7 @@ class Supernet(nn.Module):
         refs = [arch for _, arch in pairs]
         largest = space.largest()
         self._largest, self._smallest = largest, space.smallest()
+        self._largest_static = space.largest_static()
         # Widths by the channels they give; two widths giving the same channels are one subnet.
         self._width_of = {_channels(arch): w for w, arch in reversed(pairs)}
         dims = _arch_dims(refs[0])
@@ -377,6 +378,11 @@ class Supernet(nn.Module):
     def largest(self) -> ArchSpec:
         """The space's largest architecture (every choice at its largest value)."""
         return self._largest
+
+    @property
+    def largest_static(self) -> ArchSpec:
+        """The space's largest architecture with every block static (K = 1 everywhere)."""
+        return self._largest_static
 
     @property
     def smallest(self) -> ArchSpec:

@@ -88,6 +88,10 @@ class SupernetTrainConfig:
     # subnets in between under-trained (Kendall tau +0.02 against stand-alone), 4 reached +0.29.
     num_random: int = 4
     distill: bool = True  # the others learn from the largest's soft outputs; False: from the labels
+    # also train the largest all-static subnet every step (one more forward/backward), so that
+    # with kernel_bank="separate" the static kernels learn at full width and depth, as the
+    # all-dynamic largest does not train them (README: one-shot ranking)
+    largest_static: bool = False
     val_calib_images: int = 1000  # BN recalibration images for the per-epoch validation; 0: no validation
 
     def __post_init__(self) -> None:
@@ -97,8 +101,9 @@ class SupernetTrainConfig:
             check_int(name, getattr(self, name), 0)
         if self.val_calib_images == 1:
             raise DynasError("`val_calib_images` must be 0 (no validation) or >= 2, but got val_calib_images=1.")
-        if not isinstance(self.distill, bool):
-            raise DynasError(f"`distill` must be a bool, but got distill={self.distill!r}.")
+        for name in ("distill", "largest_static"):
+            if not isinstance(getattr(self, name), bool):
+                raise DynasError(f"`{name}` must be a bool, but got {name}={getattr(self, name)!r}.")
 
 
 @dataclass
@@ -228,15 +233,20 @@ def _setup(supernet: Supernet, data: DataBundle, config: SupernetTrainConfig, ra
 # ----------------------------------------------------------------------------- one step
 
 
-def sandwich(supernet: Supernet, step: int, num_random: int, seed: int = 0) -> list[ArchSpec]:
-    """The subnets of optimizer step ``step``: largest, smallest, then ``num_random`` random ones.
+def sandwich(
+    supernet: Supernet, step: int, num_random: int, seed: int = 0, *, largest_static: bool = False
+) -> list[ArchSpec]:
+    """The subnets of optimizer step ``step``: largest, (largest static,) smallest, random ones.
 
-    The random ones are drawn uniformly over the space's choices, seeded by ``(seed, step)``,
-    so every process (and a resumed run) draws the same.
+    The first is the largest subnet (the teacher); with ``largest_static`` the largest
+    all-static subnet follows it. Then the smallest and ``num_random`` random subnets drawn
+    uniformly over the space's choices, seeded by ``(seed, step)``, so every process (and a
+    resumed run) draws the same.
     """
     rng = random.Random(f"{seed}/{step}")
     drawn = [supernet.space.sample(seed=rng.randrange(2**63)).arch for _ in range(num_random)]
-    return [supernet.largest, supernet.smallest, *drawn]
+    anchors = [supernet.largest, supernet.largest_static] if largest_static else [supernet.largest]
+    return [*anchors, supernet.smallest, *drawn]
 
 
 def _sandwich_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, archs: list[ArchSpec]) -> torch.Tensor:
@@ -272,7 +282,9 @@ def _train_epoch(run: _Run, epoch: int) -> float:
         step = epoch * run.loop.steps_per_epoch + i
         tau = run.loop.tau_of(step)
         run.supernet.temperature = tau
-        archs = sandwich(run.supernet, step, run.config.num_random, run.config.train.seed)
+        archs = sandwich(
+            run.supernet, step, run.config.num_random, run.config.train.seed, largest_static=run.config.largest_static
+        )
         run.loop.optimizer.zero_grad(set_to_none=True)
         # This process' share of the global batch.
         losses = _sandwich_step(run, images[run.rank :: run.world], labels[run.rank :: run.world], archs)
