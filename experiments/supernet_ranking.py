@@ -386,6 +386,21 @@ def _standalone(
     return done
 
 
+def _twin_gaps(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean mixed - static top-1 over the twins among ``rows`` (rows of one draw), supernet and stand-alone."""
+    by_draw: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("draw", -1) >= 0:  # rows written before draws were kept have none
+            by_draw.setdefault(row["draw"], {})[row["kind"]] = row
+    pairs = [(d["static"], d["dynamic"]) for d in by_draw.values() if len(d) == 2]
+
+    def gap(key: str) -> float:
+        return sum(dy[key] - st[key] for st, dy in pairs) / len(pairs) if pairs else math.nan
+
+    return {"twins": len(pairs), "twin_gap_supernet": gap("supernet_top1"),
+            "twin_gap_standalone": gap("standalone_top1_mean")}
+
+
 def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) -> dict[str, Any]:
     def tau(subset: list[dict[str, Any]], a: str, b: str) -> float:
         return kendall_tau([r[a] for r in subset], [r[b] for r in subset])
@@ -432,6 +447,7 @@ def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) ->
         ),
         # points by which the supernet favours mixed subnets over static-only ones, against stand-alone
         "dynamic_offset_points": offset(dynamic) - offset(static),
+        **_twin_gaps(rows),
         "seconds_per_scored_subnet": score_s,
         "seconds_per_standalone_training": train_s,
         "supernet_train_seconds": supernet_seconds,
@@ -453,6 +469,12 @@ def _report(summary: dict[str, Any], band: tuple[int, int]) -> str:
         f"seconds per scored subnet: {summary['seconds_per_scored_subnet']:.2f}; per stand-alone training: "
         f"{summary['seconds_per_standalone_training']:.1f}; supernet training: {summary['supernet_train_seconds']:.0f}",
     ]
+    if summary["twins"]:  # before the seconds line
+        lines.insert(
+            -1,
+            f"  {summary['twins']} twins (a mixed subnet and its static one), mixed - static: supernet "
+            f"{summary['twin_gap_supernet']:+.2f}, stand-alone {summary['twin_gap_standalone']:+.2f} points"
+        )
     if "kendall_tau_proxy" in summary:
         lines += [
             f"scratch proxy (one run per subnet) vs stand-alone: {summary['kendall_tau_proxy']:+.3f}",
@@ -536,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "macs": subnet.macs,
             "params": closed_form_params(subnet.arch),
             "stratum": subnet.stratum,
+            "draw": subnet.draw,
             "supernet_top1": score.top1,
             "score_seconds": score.seconds,
             "standalone_top1": [r["top1"] for r in runs],

@@ -859,6 +859,23 @@ def test_standalone_runs_are_scored_after_bn_recalibration_and_reruns_skip_them(
     assert len(path.read_text().splitlines()) == 3
 
 
+def test_the_summary_gives_the_twins_gap_in_the_supernet_and_stand_alone():
+    ranking = _ranking()
+
+    def row(kind, draw, supernet, standalone, macs):
+        return {"kind": kind, "draw": draw, "macs": macs, "supernet_top1": supernet, "standalone_top1": [standalone] * 2,
+                "standalone_top1_mean": standalone, "score_seconds": 1.0, "standalone_seconds": [2.0, 2.0]}
+
+    rows = [row("static", 0, 40.0, 45.0, 1), row("dynamic", 0, 41.0, 44.0, 2), row("static", 3, 38.0, 42.0, 3),
+            row("dynamic", 3, 35.0, 41.0, 4), row("dynamic", 5, 39.0, 43.0, 5)]  # draw 5: no static twin
+    summary = ranking._summary(rows, seeds=2, supernet_seconds=10.0)
+    assert summary["twins"] == 2
+    assert summary["twin_gap_supernet"] == pytest.approx((1.0 - 3.0) / 2)
+    assert summary["twin_gap_standalone"] == pytest.approx((-1.0 - 1.0) / 2)
+    old = ranking._summary([{k: v for k, v in r.items() if k != "draw"} for r in rows], seeds=2, supernet_seconds=1.0)
+    assert old["twins"] == 0 and math.isnan(old["twin_gap_supernet"])  # rows from before draws were kept
+
+
 def test_standalone_setting_holds_what_a_result_depends_on():
     ranking = _ranking()
     args = ranking.build_parser().parse_args(["--epochs", "7", "--calib-images", "99"])
