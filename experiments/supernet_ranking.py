@@ -73,8 +73,8 @@ from dynas.spaces import get_space
 from search_spaces.mobile import MobileSpace
 
 __all__ = [
-    "Subnet", "add_band_args", "add_recipe_args", "build_parser", "kendall_tau", "main", "parse_band", "read_runs",
-    "recipe_config", "sample_in_band", "twins",
+    "Subnet", "add_band_args", "add_recipe_args", "build_parser", "check_run_args", "kendall_tau", "load_space",
+    "main", "parse_band", "read_runs", "recipe_config", "sample_in_band", "twins",
 ]
 
 
@@ -165,6 +165,32 @@ def parse_shard(text: str) -> tuple[int, int]:
     if shard is None or not 0 <= shard[0] < shard[1]:
         raise DynasError(f"`--shard` must be I/N with 0 <= I < N, such as 0/2, but got {text!r}.")
     return shard
+
+
+def check_run_args(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(band, shard)`` of ``args``, with ``--seeds`` checked (before any data or file).
+
+    Raises:
+        DynasError: a bad ``--mac-band``, ``--shard`` or ``--seeds``.
+    """
+    band, shard = parse_band(args.mac_band), parse_shard(args.shard)
+    if args.seeds < 1:
+        raise DynasError(f"`--seeds` must be an integer >= 1, but got seeds={args.seeds}.")
+    return band, shard
+
+
+def load_space(args: argparse.Namespace) -> tuple[DataBundle, MobileSpace]:
+    """The data of ``args`` and ``--space`` at its resolution and class count.
+
+    Raises:
+        DynasError: unreadable data, or a space that is not a mobile space (a supernet needs one).
+    """
+    data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=train_subset(args),
+                     input_size=args.input_size, seed=args.seed)
+    space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
+    if not isinstance(space, MobileSpace):
+        raise DynasError(f"`--space` must be a mobile space (a supernet needs one), but got space={args.space!r}.")
+    return data, space
 
 
 def parse_band(text: str) -> tuple[int, int]:
@@ -489,10 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train the supernet, sample, score, train stand-alone, and print the rank correlations."""
     parser = build_parser()
     args = parse_args(parser, argv)
-    band = parse_band(args.mac_band)
-    shard = parse_shard(args.shard)
-    if args.seeds < 1:
-        raise DynasError(f"`--seeds` must be an integer >= 1, but got seeds={args.seeds}.")
+    band, shard = check_run_args(args)
     if args.proxy_epochs is not None and not 1 <= args.proxy_epochs < args.epochs:
         raise DynasError(
             f"`--proxy-epochs` must be an integer in [1, --epochs) (a shorter run than the truth's "
@@ -501,12 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.supernet_anneal_fraction is not None:
         check_number("--supernet-anneal-fraction", args.supernet_anneal_fraction, 0.0, 1.0)
     supernet_config, recipe = _configs(args)  # refuses a bad recipe value before any data or file
-    subset = train_subset(args)
-    data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
-                     input_size=args.input_size, seed=args.seed)
-    space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
-    if not isinstance(space, MobileSpace):
-        raise DynasError(f"`--space` must be a mobile space (a supernet needs one), but got space={args.space!r}.")
+    data, space = load_space(args)
     subnets = sample_in_band(space, band, args.num_subnets, args.strata, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,17 +32,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _args import add_data_args, add_run_args, parse_args, run, seed_list, train_subset
+from _args import add_data_args, add_run_args, parse_args, run, seed_list
 from supernet_ranking import (
-    Subnet, _standalone, add_band_args, add_recipe_args, parse_band, parse_shard, read_runs, recipe_config,
+    Subnet, _standalone, add_band_args, add_recipe_args, check_run_args, load_space, read_runs, recipe_config,
     sample_in_band, standalone_setting, twins,
 )
 
 from dynas.config import write_resolved
-from dynas.data import load_data
 from dynas.errors import DynasError
-from dynas.spaces import get_space
-from search_spaces.mobile import MobileSpace
 
 __all__ = ["build_parser", "gap_summary", "main", "spread"]
 
@@ -95,21 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Sample the twins, train each for every length, and print the gap per length."""
     parser = build_parser()
     args = parse_args(parser, argv)
-    band = parse_band(args.mac_band)
-    shard = parse_shard(args.shard)
-    if args.seeds < 1:
-        raise DynasError(f"`--seeds` must be an integer >= 1, but got seeds={args.seeds}.")
+    band, shard = check_run_args(args)
     if args.pairs is not None and args.pairs < 1:
         raise DynasError(f"`--pairs` must be an integer >= 1, but got pairs={args.pairs}.")
     if min(args.epochs) < 1:
         raise DynasError(f"`--epochs` must be integers >= 1, but got epochs={','.join(map(str, args.epochs))}.")
     recipes = {epochs: recipe_config(args, epochs) for epochs in args.epochs}  # a bad value is refused here
-    subset = train_subset(args)
-    data = load_data(args.dataset, args.data_root, val_fraction=args.val_fraction, train_subset=subset,
-                     input_size=args.input_size, seed=args.seed)
-    space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
-    if not isinstance(space, MobileSpace):
-        raise DynasError(f"`--space` must be a mobile space, but got space={args.space!r}.")
+    data, space = load_space(args)
     found = twins(sample_in_band(space, band, args.num_subnets, args.strata, seed=args.seed))
     if not found:
         raise DynasError(
