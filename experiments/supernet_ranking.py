@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--supernet-epochs", type=int, default=30)
     sup.add_argument("--num-random", type=int, default=SupernetTrainConfig.num_random, help="random subnets per step besides largest / smallest")
     sup.add_argument("--no-distill", action="store_true", help="train every subnet on the labels")
+    sup.add_argument("--supernet-seed", type=int, default=None,
+                     help="the supernet's init, batch order and sandwich draws (default: --seed); the subnets, data "
+                     "split and stand-alone rows stay --seed's, so two supernet seeds score the same truth")
     sup.add_argument("--largest-static", action="store_true",
                      help="also train the largest all-static subnet every step (its static kernels at full width)")
     sup.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="residual",
@@ -303,6 +306,7 @@ def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig
         train=dataclasses.replace(
             recipe, epochs=args.supernet_epochs,
             anneal_fraction=args.anneal_fraction if args.supernet_anneal_fraction is None else args.supernet_anneal_fraction,
+            seed=args.seed if args.supernet_seed is None else args.supernet_seed,
         ),
         num_random=args.num_random,
         distill=not args.no_distill,
@@ -531,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_resolved(args, out / "config.yaml")
 
     def trained_supernet() -> tuple[Supernet, SupernetTrainResult]:  # trains, resumes, or (finished) loads it
-        torch.manual_seed(args.seed)
+        torch.manual_seed(supernet_config.train.seed)
         supernet = Supernet(space, kernel_bank=args.kernel_bank, zero_init_residual=args.zero_init_residual)
         return supernet, train_supernet(supernet, data, supernet_config, run_dir=out / "supernet")
 

@@ -896,6 +896,16 @@ def test_the_supernet_may_anneal_over_its_own_share_and_the_standalone_truth_is_
     assert ranking._configs(base)[0].train.anneal_fraction == 1.0  # unset: the stand-alone runs' share
 
 
+def test_a_supernet_seed_changes_the_supernet_not_the_truth():
+    ranking = _ranking()
+    base = ranking.build_parser().parse_args(["--seed", "3"])
+    args = ranking.build_parser().parse_args(["--seed", "3", "--supernet-seed", "7", "--largest-static"])
+    (supernet, recipe), (base_supernet, base_recipe) = ranking._configs(args), ranking._configs(base)
+    assert (supernet.train.seed, base_supernet.train.seed, recipe.seed) == (7, 3, 3) and recipe == base_recipe
+    assert supernet.largest_static and not base_supernet.largest_static
+    assert ranking.standalone_setting(args) == ranking.standalone_setting(base)  # the same rows score both
+
+
 def test_the_ops_space_is_stratified_too_its_static_subnets_all_static():
     ranking = _ranking()
     subnets = ranking.sample_in_band(MobileCifarOpsSpace(input_size=SIZE), ranking.parse_band("0.8M:2.5M"), 4, 2, seed=1)
