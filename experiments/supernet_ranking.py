@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "split and stand-alone rows stay --seed's, so two supernet seeds score the same truth")
     sup.add_argument("--largest-static", action="store_true",
                      help="also train the largest all-static subnet every step (its static kernels at full width)")
+    sup.add_argument("--static-twins", action="store_true",
+                     help="every second random subnet of a step is the one before it made all static")
     sup.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="residual",
                      help="a dynamic layer's K kernels: residual (kernel k = W0 + D_k), independent or separate (static kernel apart)")
     sup.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
@@ -208,12 +210,6 @@ def parse_band(text: str) -> tuple[int, int]:
     return band
 
 
-def _static(space: MobileSpace, params: dict[str, Any]) -> ArchSpec:
-    """The arch of ``params`` with every block static (``*_dynamic`` off, or a ``*_op`` of ``static``)."""
-    static = {k: False if k.endswith("_dynamic") else "static" if k.endswith("_op") else v for k, v in params.items()}
-    return space.decode(static).arch
-
-
 def sample_in_band(
     space: MobileSpace, band: tuple[int, int], num_subnets: int, strata: int, seed: int = 0, max_draws: int = 200_000
 ) -> list[Subnet]:
@@ -238,7 +234,7 @@ def sample_in_band(
     chosen: dict[ArchSpec, Subnet] = {}
     for draw in range(max_draws):
         params = dict(space.sample(seed=rng.randrange(2**63)).params)
-        for arch in (space.decode(params).arch, _static(space, params)):
+        for arch in (space.decode(params).arch, space.static_of(params)):
             kind = "dynamic" if any(b.is_dynamic for b in arch.blocks) else "static"
             macs = closed_form_macs(arch)
             if not low <= macs < high or arch in chosen:
@@ -311,6 +307,7 @@ def _configs(args: argparse.Namespace) -> tuple[SupernetTrainConfig, TrainConfig
         num_random=args.num_random,
         distill=not args.no_distill,
         largest_static=args.largest_static,
+        static_twins=args.static_twins,
         val_calib_images=args.calib_images,
     )
     return supernet, recipe

@@ -141,13 +141,17 @@ class MobileSpace(SearchSpace):
         """
 
         def value_of(choice: Choice, _: dict[str, Any]) -> Any:
-            if choice.label.endswith("_dynamic"):
-                return False
-            if choice.label.endswith("_op"):
-                return "static"
-            return max(choice.values)
+            return _static_value(choice.label, max(choice.values))
 
         return self.make_candidate(self._walk(value_of)).arch
+
+    def static_of(self, params: Mapping[str, Any]) -> ArchSpec:
+        """The architecture of ``params`` with every block static (its static twin).
+
+        Every other choice keeps its value; what a supernet trains besides a random subnet
+        (``SupernetTrainConfig(static_twins=True)``) and what a ranking compares a mixed subnet with.
+        """
+        return self.decode({label: _static_value(label, value) for label, value in params.items()}).arch
 
     # ------------------------------------------------------------------ decoding
 
@@ -234,3 +238,12 @@ class MobileImageNetSpace(MobileSpace):
         StageConfig(320, 1, (1,)),
     )
     head_channels = 1280
+
+
+def _static_value(label: str, value: Any) -> Any:
+    """``value`` of choice ``label`` in a static block: ``*_dynamic`` off, ``*_op`` static, the rest as is."""
+    if label.endswith("_dynamic"):
+        return False
+    if label.endswith("_op"):
+        return "static"
+    return value

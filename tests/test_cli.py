@@ -200,7 +200,7 @@ def test_a_refused_supernet_resume_leaves_the_run_folder_alone(tmp_path, capsys)
     assert {p.name: p.read_bytes() for p in sn.iterdir()} == before  # config.yaml included
 
 
-@pytest.mark.parametrize("flag", [[], ["--largest-static"]])
+@pytest.mark.parametrize("flag", [[], ["--largest-static"], ["--static-twins"]])
 def test_the_supernet_command_passes_the_sandwich_settings_on(tmp_path, monkeypatch, flag):
     import dynas.supernet
 
@@ -209,7 +209,8 @@ def test_the_supernet_command_passes_the_sandwich_settings_on(tmp_path, monkeypa
     with pytest.raises(ZeroDivisionError):  # stop at training: the config is what is checked
         main(["supernet", "--run-dir", str(tmp_path / "sn"), *TINY, "--num-random", "3", "--no-distill", *flag])
     (config,) = seen
-    assert (config.num_random, config.distill, config.largest_static) == (3, False, bool(flag))
+    assert (config.num_random, config.distill) == (3, False)
+    assert (config.largest_static, config.static_twins) == ("--largest-static" in flag, "--static-twins" in flag)
 
 
 def test_supernet_train_then_search_with_it(tmp_path, capsys):

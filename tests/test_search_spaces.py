@@ -112,6 +112,21 @@ def test_the_largest_static_arch_is_the_largest_with_every_block_static(name):
     assert static.head_channels == large.head_channels
 
 
+@pytest.mark.parametrize("name", ["mobile_cifar", "mobile_cifar_ops", "mobile_imagenet"])
+def test_the_static_twin_of_a_draw_changes_only_its_dynamic_blocks(name):
+    space = get_space(name)
+    dynamic = 0
+    for seed in range(5):
+        params = space.sample(seed=seed).params
+        arch, twin = space.decode(params).arch, space.static_of(params)
+        dynamic += any(b.is_dynamic for b in arch.blocks)
+        assert not any(b.is_dynamic for b in twin.blocks)
+        as_static = [dataclasses.replace(b, num_kernels=1, op="dy", dynamic_convs="pw", latent=0) for b in arch.blocks]
+        assert list(twin.blocks) == as_static
+        assert (twin.stem_channels, twin.head_channels) == (arch.stem_channels, arch.head_channels)
+    assert dynamic  # the draws had dynamic blocks to make static
+
+
 def test_mobile_labels():
     labels = [c.label for c in get_space("mobile_cifar").choices()]
     assert labels[:2] == ["width", "s1_depth"]

@@ -579,6 +579,22 @@ def test_sandwich_with_the_largest_static_subnet_puts_it_second(supernet):
         SupernetTrainConfig(largest_static="yes")
 
 
+def test_sandwich_with_static_twins_follows_each_draw_by_it_made_static(supernet):
+    archs = sandwich(supernet, step=7, num_random=5, seed=1, static_twins=True)
+    assert archs[:2] == [supernet.largest, supernet.smallest] and len(archs) == 7
+    drawn = archs[2:]
+    for draw, twin in zip(drawn[0::2], drawn[1::2]):
+        assert any(b.is_dynamic for b in draw.blocks) and not any(b.is_dynamic for b in twin.blocks)
+        # the twin is its draw with the dynamic blocks made static, every other choice kept
+        static = [dataclasses.replace(b, num_kernels=1, op="dy", dynamic_convs="pw", latent=0) for b in draw.blocks]
+        assert static == list(twin.blocks)
+        assert (draw.stem_channels, draw.head_channels) == (twin.stem_channels, twin.head_channels)
+    assert len(set(drawn[0::2])) == 3  # three draws for five subnets (an odd count ends on a draw)
+    assert drawn[0] == sandwich(supernet, step=7, num_random=1, seed=1)[2]  # the first draw is the plain sandwich's
+    with pytest.raises(DynasError, match="`static_twins` must be a bool, but got static_twins=1"):
+        SupernetTrainConfig(static_twins=1)
+
+
 @pytest.mark.parametrize("largest_static", [False, True])
 def test_the_largest_static_subnet_trains_the_static_kernels_the_smallest_never_reaches(digits, largest_static):
     # With a separate bank and no random subnets, a block beyond the smallest's depth runs its

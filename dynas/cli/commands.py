@@ -242,7 +242,7 @@ def cmd_supernet(args: argparse.Namespace) -> int:
     _check_space_name(args.space)
     config = SupernetTrainConfig(
         train=_checked_train_config(args, quiet=args.quiet), num_random=args.num_random, distill=args.distill,
-        largest_static=args.largest_static, val_calib_images=args.val_calib_images,
+        largest_static=args.largest_static, static_twins=args.static_twins, val_calib_images=args.val_calib_images,
     )
     run_dir = _prepare_run_dir(args.run_dir)
     data = load_run_data(vars(args))

@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     supernet.add_argument("--num-random", type=_non_negative_int, default=SupernetTrainConfig.num_random, help="random subnets per step besides the largest and smallest")
     supernet.add_argument("--no-distill", dest="distill", action="store_false", help="train every subnet on the labels (default: distil from the largest)")
     supernet.add_argument("--largest-static", action="store_true", help="also train the largest all-static subnet every step (for --kernel-bank separate: its static kernels then learn at full width)")
+    supernet.add_argument("--static-twins", action="store_true", help="make every second random subnet of a step the one before it made all static (for --kernel-bank separate: its static kernels then train at every size)")
     supernet.add_argument("--val-calib-images", type=_non_negative_int, default=1000, help="BN recalibration images for the per-epoch validation (0: none)")
     supernet.add_argument("--kernel-bank", choices=KERNEL_BANKS, default="residual", help="a dynamic layer's K kernels: residual (kernel k = W0 + D_k, centred on the static kernel), independent (kernel 0 the static one), or separate (a static kernel apart from K independent dynamic ones)")
     supernet.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True, help="start every always-residual block as the identity (its last BN scale 0, BigNAS)")

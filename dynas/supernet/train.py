@@ -92,6 +92,10 @@ class SupernetTrainConfig:
     # with kernel_bank="separate" the static kernels learn at full width and depth, as the
     # all-dynamic largest does not train them (README: one-shot ranking)
     largest_static: bool = False
+    # every other random subnet is the one drawn before it made all static (its static twin), so
+    # that with kernel_bank="separate" the static kernels train at every size as often as the
+    # dynamic ones, and twins differ only in their dynamic layers (README: one-shot ranking)
+    static_twins: bool = False
     val_calib_images: int = 1000  # BN recalibration images for the per-epoch validation; 0: no validation
 
     def __post_init__(self) -> None:
@@ -101,7 +105,7 @@ class SupernetTrainConfig:
             check_int(name, getattr(self, name), 0)
         if self.val_calib_images == 1:
             raise DynasError("`val_calib_images` must be 0 (no validation) or >= 2, but got val_calib_images=1.")
-        for name in ("distill", "largest_static"):
+        for name in ("distill", "largest_static", "static_twins"):
             if not isinstance(getattr(self, name), bool):
                 raise DynasError(f"`{name}` must be a bool, but got {name}={getattr(self, name)!r}.")
 
@@ -234,17 +238,28 @@ def _setup(supernet: Supernet, data: DataBundle, config: SupernetTrainConfig, ra
 
 
 def sandwich(
-    supernet: Supernet, step: int, num_random: int, seed: int = 0, *, largest_static: bool = False
+    supernet: Supernet, step: int, num_random: int, seed: int = 0, *, largest_static: bool = False,
+    static_twins: bool = False,
 ) -> list[ArchSpec]:
     """The subnets of optimizer step ``step``: largest, (largest static,) smallest, random ones.
 
     The first is the largest subnet (the teacher); with ``largest_static`` the largest
     all-static subnet follows it. Then the smallest and ``num_random`` random subnets drawn
     uniformly over the space's choices, seeded by ``(seed, step)``, so every process (and a
-    resumed run) draws the same.
+    resumed run) draws the same. With ``static_twins`` every second random subnet is the one
+    before it made all static (``MobileSpace.static_of``): ``num_random = 4`` is two draws and
+    their static twins (an odd count ends on a draw).
     """
     rng = random.Random(f"{seed}/{step}")
-    drawn = [supernet.space.sample(seed=rng.randrange(2**63)).arch for _ in range(num_random)]
+    drawn: list[ArchSpec] = []
+    params: Any = None
+    for n in range(num_random):
+        if static_twins and n % 2:
+            drawn.append(supernet.space.static_of(params))
+        else:
+            candidate = supernet.space.sample(seed=rng.randrange(2**63))
+            params = candidate.params
+            drawn.append(candidate.arch)
     anchors = [supernet.largest, supernet.largest_static] if largest_static else [supernet.largest]
     return [*anchors, supernet.smallest, *drawn]
 
@@ -283,7 +298,8 @@ def _train_epoch(run: _Run, epoch: int) -> float:
         tau = run.loop.tau_of(step)
         run.supernet.temperature = tau
         archs = sandwich(
-            run.supernet, step, run.config.num_random, run.config.train.seed, largest_static=run.config.largest_static
+            run.supernet, step, run.config.num_random, run.config.train.seed, largest_static=run.config.largest_static,
+            static_twins=run.config.static_twins,
         )
         run.loop.optimizer.zero_grad(set_to_none=True)
         # This process' share of the global batch.
