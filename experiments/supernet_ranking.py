@@ -284,6 +284,30 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     return _tau_b(x, y, itertools.combinations(range(len(x)), 2))
 
 
+def kendall_tau_interval(
+    x: Sequence[float], y: Sequence[float], level: float = 0.9, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """A bootstrap interval of Kendall's tau-b: ``level`` percentile interval over subnets resampled with replacement.
+
+    How far tau of this many subnets could move with other subnets drawn from the same band
+    (a resample's repeated subnet ties with itself and counts in no pair). Seeded: reproducible.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"`x` and `y` must have the same length, but got {len(x)} and {len(y)}.")
+    rng = random.Random(seed)
+    taus = []
+    for _ in range(resamples):
+        pick = [rng.randrange(len(x)) for _ in range(len(x))]
+        tau = kendall_tau([x[i] for i in pick], [y[i] for i in pick])
+        if not math.isnan(tau):
+            taus.append(tau)
+    if not taus:
+        return math.nan, math.nan
+    taus.sort()
+    tail = (1 - level) / 2
+    return taus[int(tail * (len(taus) - 1))], taus[math.ceil((1 - tail) * (len(taus) - 1))]
+
+
 def kendall_tau_across(x: Sequence[float], y: Sequence[float], group: Sequence[str]) -> float:
     """Kendall's tau-b over the pairs whose two members lie in different ``group`` s only.
 
@@ -465,6 +489,10 @@ def _summary(rows: list[dict[str, Any]], seeds: int, supernet_seconds: float) ->
         "static_subnets": len(static),
         "dynamic_subnets": len(dynamic),
         "kendall_tau_supernet": tau(rows, "supernet_top1", "standalone_top1_mean"),
+        # 90% bootstrap interval over subnets: how much another draw of as many subnets could move it
+        "kendall_tau_supernet_interval": list(kendall_tau_interval(
+            [r["supernet_top1"] for r in rows], [r["standalone_top1_mean"] for r in rows]
+        )),
         "kendall_tau_seed_to_seed": sum(seed_tau) / len(seed_tau) if seed_tau else math.nan,
         "kendall_tau_macs": tau(rows, "macs", "standalone_top1_mean"),
         "kendall_tau_supernet_static": tau(static, "supernet_top1", "standalone_top1_mean"),
@@ -486,7 +514,9 @@ def _report(summary: dict[str, Any], band: tuple[int, int]) -> str:
     lines = [
         f"{summary['subnets']} subnets in {band[0] / 1e6:g}M-{band[1] / 1e6:g}M MACs "
         f"({summary['static_subnets']} static-only, {summary['dynamic_subnets']} dynamic)",
-        f"Kendall tau, supernet vs stand-alone:      {summary['kendall_tau_supernet']:+.3f}",
+        f"Kendall tau, supernet vs stand-alone:      {summary['kendall_tau_supernet']:+.3f} "
+        f"(90% bootstrap over subnets: {summary['kendall_tau_supernet_interval'][0]:+.2f} to "
+        f"{summary['kendall_tau_supernet_interval'][1]:+.2f})",
         f"  ceiling, stand-alone seed vs seed:       {summary['kendall_tau_seed_to_seed']:+.3f}",
         f"  floor, MACs alone:                       {summary['kendall_tau_macs']:+.3f}",
         f"  within static-only subnets:              {summary['kendall_tau_supernet_static']:+.3f}",
@@ -589,8 +619,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = _summary(rows, args.seeds, result.train_seconds)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     # NaN (a tau of fewer than two distinct values) is not JSON: null.
-    strict = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
-    (out / "summary.json").write_text(json.dumps(strict, indent=2), encoding="utf-8")
+    def strict(v: Any) -> Any:
+        if isinstance(v, list):
+            return [strict(x) for x in v]
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    strict_summary = {k: strict(v) for k, v in summary.items()}
+    (out / "summary.json").write_text(json.dumps(strict_summary, indent=2), encoding="utf-8")
     print(_report(summary, band))
     print(f"results: {out / 'results.jsonl'}, {out / 'summary.json'}")
     return 0

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -824,6 +825,24 @@ def test_kendall_tau_b_counts_pairs_and_ties():
     assert math.isnan(tau([1, 1], [1, 2])) and math.isnan(tau([1], [2]))
 
 
+def test_the_bootstrap_interval_of_tau_brackets_it_and_narrows_with_more_subnets():
+    ranking = _ranking()
+    interval = ranking.kendall_tau_interval
+    assert interval(list(range(8)), list(range(8))) == (1.0, 1.0)  # every resample agrees perfectly
+    assert interval(list(range(8)), list(range(8, 0, -1))) == (-1.0, -1.0)
+    rng = random.Random(0)
+    def noisy(n):  # a true order seen through noise
+        x = [float(i) for i in range(n)]
+        return x, [v + rng.gauss(0, n / 3) for v in x]
+    small, large = noisy(16), noisy(128)
+    lo16, hi16 = interval(*small)
+    lo128, hi128 = interval(*large)
+    assert lo16 < ranking.kendall_tau(*small) < hi16 and lo128 < ranking.kendall_tau(*large) < hi128
+    assert hi128 - lo128 < (hi16 - lo16) / 2  # about 1 / sqrt(n)
+    assert interval(*small) == interval(*small) != interval(*small, seed=1)  # seeded
+    assert all(math.isnan(v) for v in interval([1, 1], [1, 2]))
+
+
 def test_subnets_are_stratified_over_the_mac_band_by_kind():
     ranking = _ranking()
     band = ranking.parse_band("0.8M:2.5M")
@@ -985,7 +1004,7 @@ def test_the_scratch_proxy_is_ranked_one_run_per_subnet_against_the_truth():
     assert summary["kendall_tau_proxy_dynamic"] == pytest.approx(0.0)
     assert summary["kendall_tau_proxy_across"] == pytest.approx((1.0 + 0.5) / 2)  # seed 1: 3 of 4 cross pairs
     assert summary["seconds_per_proxy_training"] == pytest.approx(3.0)
-    assert summary["kendall_tau_supernet"] == 1.0
+    assert summary["kendall_tau_supernet"] == 1.0 and summary["kendall_tau_supernet_interval"] == [1.0, 1.0]
     assert "kendall_tau_proxy" not in _ranking()._summary([{k: v for k, v in r.items() if not k.startswith("proxy")}
                                                            for r in rows], seeds=2, supernet_seconds=0.0)
 
@@ -1035,6 +1054,10 @@ def test_shards_started_together_leave_the_supernet_to_shard_0_and_the_last_writ
     assert load_supernet(out / "supernet" / "supernet.pt").kernel_bank == "independent"  # as asked
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert len((out / "standalone.jsonl").read_text().splitlines()) == 4
+    def no_nan(constant):
+        raise AssertionError(f"summary.json is not strict JSON: {constant}")
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=no_nan)  # NaN (2 subnets) written null
+    assert len(summary["kendall_tau_supernet_interval"]) == 2
 
 
 def test_a_row_cut_short_by_a_killed_write_is_trained_again_and_the_rest_kept(digits, tmp_path):
