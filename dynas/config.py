@@ -22,6 +22,7 @@ __all__ = [
     "apply_config",
     "load_run_data",
     "read_run_config",
+    "supernet_paths",
     "train_config",
     "train_subset",
     "write_resolved",
@@ -39,16 +40,27 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ValueError(f"expected true or false, but got {brief(value)}")
             return value
-        if isinstance(value, bool):
-            _reject_bool(value)
-        if action.type is not None:
-            value = action.type(value)  # the parser's types take YAML's ints, floats and lists too
-        elif not isinstance(value, str):
-            raise ValueError(f"must be a string, but got {brief(value)}")
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"must be one of {', '.join(map(str, action.choices))}, but got {value!r}")
+        if action.nargs in ("+", "*"):  # a list option (e.g. --supernet A B): a list, or one value
+            items = value if isinstance(value, list) else [value]
+            if action.nargs == "+" and not items:
+                raise ValueError("must be a non-empty list")
+            return [_convert_one(action, item) for item in items]
+        value = _convert_one(action, value)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
         raise DynasError(f"{where}: {err}") from None
+    return value
+
+
+def _convert_one(action: argparse.Action, value: Any) -> Any:
+    """One value of ``action``, by its type and choices (ValueError when it breaks them)."""
+    if isinstance(value, bool):
+        _reject_bool(value)
+    if action.type is not None:
+        value = action.type(value)  # the parser's types take YAML's ints, floats and lists too
+    elif not isinstance(value, str):
+        raise ValueError(f"must be a string, but got {brief(value)}")
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"must be one of {', '.join(map(str, action.choices))}, but got {value!r}")
     return value
 
 
@@ -93,6 +105,13 @@ def apply_config(
         defaults[dest] = _convert(actions[dest], value, f"config file {str(path)!r}, key {key!r}")
     parser.set_defaults(**defaults)
     return defaults
+
+
+def supernet_paths(value: str | list[str] | None) -> list[str]:
+    """``--supernet``'s files as a list (a run's config.yaml of an older dynas holds one path)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def write_resolved(args: argparse.Namespace, path: str | os.PathLike) -> None:

@@ -259,12 +259,33 @@ def supernet_objective(
 
     Each call recalibrates BatchNorm on ``calib_images`` seeded training images and returns the
     validation top-1 (:func:`dynas.supernet.score_subnet`); the candidate's τ choices play no
-    part (the supernet anneals τ on its own schedule). Pass ``fidelity="supernet"`` to
+    part (the supernet anneals τ on its own schedule). ``supernet`` may also be a list of
+    supernets of one space (e.g. a residual-bank and a separate-bank one): the score is then the
+    mean of their top-1s, each scored the same way. Pass ``fidelity="supernet"`` to
     :func:`search` so the rows say so.
     """
-    from dynas.supernet import score_subnet
+    from dynas.supernet import Supernet, score_subnet
+
+    supernets = list(supernet) if isinstance(supernet, (list, tuple)) else [supernet]
+    if not supernets:
+        raise DynasError("`supernet` must be a supernet or a non-empty list of them, but got an empty list.")
+    for i, net in enumerate(supernets):
+        if not isinstance(net, Supernet):
+            raise TypeError(f"`supernet` must hold dynas.supernet.Supernet objects, but item {i} is {type(net).__name__}.")
+    def kind(net: Supernet) -> tuple[str, int, int, int]:
+        return net.space.name, net.space.input_size, net.space.num_classes, net.space.in_channels
+
+    for i, net in enumerate(supernets[1:], 1):
+        if kind(net) != kind(supernets[0]):
+            raise DynasError(
+                "the supernets must be of one space, input size, class count and channel count, but supernet "
+                f"{i} is of {kind(net)} and supernet 0 of {kind(supernets[0])}."
+            )
 
     def objective(candidate: Candidate, trial: Any) -> float:
-        return score_subnet(supernet, candidate, data, calib_images=calib_images, seed=seed, device=device).top1
+        scores = [
+            score_subnet(net, candidate, data, calib_images=calib_images, seed=seed, device=device).top1 for net in supernets
+        ]
+        return sum(scores) / len(scores)
 
     return objective

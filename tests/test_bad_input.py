@@ -230,6 +230,7 @@ CASES = [
     Case("supernet folder", "files", [*S, "--evaluator", "supernet", "--supernet", "{tmp}"], r"supernet file '.*' is a folder"),
     Case("supernet binary", "files", [*S, "--evaluator", "supernet", "--supernet", "{tmp}/s.pt"], r"supernet file '.*s\.pt'", _file("s.pt", BINARY)),
     Case("supernet missing", "files", [*S, "--evaluator", "supernet", "--supernet", "{tmp}/none.pt"], r"supernet file '.*none\.pt' does not exist"),
+    Case("second supernet a folder", "files", [*S, "--evaluator", "supernet", "--supernet", "{tmp}/none.pt", "{tmp}"], r"supernet file '.*' is a folder"),
     Case("supernet is a model file", "files", [*S, "--evaluator", "supernet", "--supernet", MODEL], r"supernet file '.*trial_00000\.pt'"),
     Case("storage is a folder", "files", [*S, "--storage", "{tmp}"], r"`storage` must be a URL or the path of a journal file, but got storage='.*', a directory"),
     Case("export dir missing", "files", ["export", "{tmp}/none"], r"is not a dynas run directory"),

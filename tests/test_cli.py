@@ -253,6 +253,49 @@ def test_supernet_train_then_search_with_it(tmp_path, capsys):
     assert "supernet file" in err and "does not exist" in err and not (tmp_path / "gone").exists()
 
 
+def test_search_with_two_supernets_scores_their_mean_and_exports_the_better(tmp_path, capsys):
+    """--supernet A B: a candidate's score is the mean of both supernets' top-1s; export takes the better one's weights."""
+    from dynas.config import load_run_data, read_run_config
+    from dynas.models import load_model
+    from dynas.supernet import score_subnet
+    from dynas.training import evaluate
+
+    paths = []
+    for bank in ("residual", "separate"):
+        sn = tmp_path / bank
+        assert main(["supernet", "--run-dir", str(sn), *TINY, "--val-calib-images", "0", "--kernel-bank", bank]) == 0
+        paths.append(str(sn / "supernet.pt"))
+    argv = _search(tmp_path, "--max-macs", "1.5M", "--trials", "2", "--sampler", "random", "--no-baselines",
+                   "--evaluator", "supernet", "--supernet", *paths, "--calib-images", "32")
+    assert main(argv) == 0
+    run = tmp_path / "run"
+    settings = read_run_config(run)
+    assert settings["supernet"] == paths  # the run's record holds both, and reads back with --config
+    data = load_run_data(settings)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    done = [r for r in rows if r["state"] == "complete"]
+    assert len(done) == 2
+    nets = [load_supernet(p) for p in paths]
+    row = done[0]
+    scores = [score_subnet(net, row["arch"], data, calib_images=32, seed=settings["seed"], device="cpu").top1 for net in nets]
+    assert scores[0] != scores[1] and row["val_top1"] == pytest.approx(sum(scores) / 2, abs=1e-6)
+    assert main(["export", str(run), "--trial", str(row["trial"]), "--out", str(tmp_path / "ex"), "--no-latency"]) == 0
+    folder = tmp_path / "ex" / f"trial_{row['trial']:05d}"
+    exported = load_model(folder / "model.pt")
+    assert evaluate(exported, data, "val", device="cpu") == pytest.approx(max(scores), abs=1e-6)
+    card = (folder / "card.md").read_text()
+    assert f"extracted from the supernet {paths[scores.index(max(scores))]}, the best on validation of the 2" in card
+    # Resumed from its own record: the same two supernets, nothing trained again.
+    assert main(["search", "--config", str(run / "config.yaml"), "--trials", "3"]) == 0
+    assert len([line for line in (run / "results.jsonl").read_text().splitlines() if '"complete"' in line]) == 3
+    # A supernet of another input size among them is refused before any trial, naming its file.
+    other = tmp_path / "other24"
+    assert main(["supernet", "--run-dir", str(other), *TINY, "--input-size", "24", "--val-calib-images", "0"]) == 0
+    err = _error(capsys, ["search", "--run-dir", str(tmp_path / "mixed"), *TINY, "--max-macs", "1.5M", "--evaluator",
+                          "supernet", "--supernet", paths[0], str(other / "supernet.pt")])
+    assert "other24" in err and not (tmp_path / "mixed").exists()
+
+
 def test_search_train_and_export_on_grayscale_npz(tmp_path, capsys):
     """1-channel data end to end: the space, the trained models and the exported files take 1 channel."""
     import numpy as np

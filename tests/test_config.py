@@ -37,6 +37,17 @@ def test_config_sets_defaults_and_flags_override(tmp_path):
     assert (args.max_macs, args.trials, args.sampler, args.quiet) == (7_000_000, 9, "random", True)
 
 
+@pytest.mark.parametrize("body,paths", [("supernet: a.pt\n", ["a.pt"]), ("supernet: [a.pt, b.pt]\n", ["a.pt", "b.pt"])])
+def test_config_list_option_takes_one_path_or_a_list(tmp_path, body, paths):
+    """--supernet A B; a run's config.yaml holds the list (an older dynas's, one path), and reads back."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(body)
+    parser = _search_parser()
+    apply_config(parser, cfg)
+    assert parser.parse_args([]).supernet == paths
+    assert parser.parse_args(["--supernet", "c.pt"]).supernet == ["c.pt"]  # a flag overrides the file
+
+
 @pytest.mark.parametrize(
     "body,match",
     [
@@ -47,6 +58,9 @@ def test_config_sets_defaults_and_flags_override(tmp_path):
         ("max_macs: -5M\n", r"key 'max_macs'.*count must be > 0"),
         ("- a\n- b\n", r"must be a mapping of option: value, but got list"),
         ("a: [\n", r"is not valid YAML"),
+        ("supernet: []\n", r"key 'supernet': must be a non-empty list"),
+        ("supernet: [a.pt, 3]\n", r"key 'supernet': must be a string, but got 3"),
+        ("supernet: true\n", r"key 'supernet': expected a value, not a boolean"),
     ],
 )
 def test_config_errors_name_file_key_and_value(tmp_path, body, match):

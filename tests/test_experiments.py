@@ -251,3 +251,49 @@ def test_a_script_refuses_bad_input_in_one_line_and_writes_nothing(script, argv,
     (line,) = proc.stderr.splitlines()  # one line, no traceback
     assert line.startswith(f"dynas: error: {message.format(missing=missing)}"), line
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _ranking_rows(folder: Path, scores: list[float], truth: list[float]) -> Path:
+    folder.mkdir(parents=True)
+    rows = [{"arch": f"a{i}", "kind": "static" if i % 2 else "dynamic", "macs": 1000 + i, "draw": -1,
+             "supernet_top1": s, "score_seconds": 1.0, "standalone_top1": [t, t], "standalone_top1_mean": t,
+             "standalone_seconds": [9.0, 9.0]} for i, (s, t) in enumerate(zip(scores, truth))]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_supernet_ensemble_ranks_by_the_mean_of_the_supernets_scores(tmp_path, capsys):
+    script = _script("supernet_ensemble")
+    truth = [1.0, 2.0, 3.0, 4.0]
+    # Each alone misorders one pair; their mean orders all four as the truth does.
+    a = _ranking_rows(tmp_path / "a", [1.0, 2.2, 2.1, 4.0], truth)
+    b = _ranking_rows(tmp_path / "b", [2.0, 1.0, 3.0, 4.0], truth)
+    assert script.main([str(a), str(b), "--out", str(tmp_path / "t.jsonl")]) == 0
+    table = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    by = {"+".join(r["supernets"]): r for r in table}
+    assert by["a"]["kendall_tau_supernet"] == pytest.approx(4 / 6) == by["b"]["kendall_tau_supernet"]
+    assert by["a+b"]["kendall_tau_supernet"] == pytest.approx(1.0)
+    assert by["a+b"]["seconds_per_scored_subnet"] == pytest.approx(2.0)  # both supernets score each subnet
+    assert "| a + b | +1.00" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda t: [_ranking_rows(t / "a", [1, 2, 3], [1, 2, 3]), _ranking_rows(t / "b", [1, 2, 3], [1, 2, 4])],
+         "has stand-alone top-1 4 for 'a2', but"),
+        (lambda t: [_ranking_rows(t / "a", [1, 2, 3], [1, 2, 3]), _ranking_rows(t / "b", [1, 2], [1, 2])],
+         "holds other subnets than"),
+        (lambda t: [_ranking_rows(t / "a", [1, 2, 3], [1, 2, 3]), t / "none"], "has no results.jsonl"),
+    ],
+)
+def test_supernet_ensemble_refuses_runs_of_another_truth(tmp_path, make, message):
+    import subprocess
+
+    folders = [str(f) for f in make(tmp_path)]
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "supernet_ensemble.py"), *folders, "--out",
+                           str(tmp_path / "t.jsonl")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("dynas: error: ") and message in line, line
+    assert not (tmp_path / "t.jsonl").exists()

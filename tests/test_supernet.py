@@ -1073,3 +1073,24 @@ def test_a_row_cut_short_by_a_killed_write_is_trained_again_and_the_rest_kept(di
     text = path.read_text().splitlines()
     assert len(text) == 3 and text[0] == lines[0] and json.loads(text[2])["arch"] == subnets[1].arch.to_str()
     assert ranking._standalone(subnets, digits, recipe, 1, path, 16, 0, setting) == again  # all read back
+
+
+def test_supernet_objective_of_several_supernets_scores_their_mean(supernet, digits):
+    from dynas.study import supernet_objective
+
+    torch.manual_seed(1)
+    other = Supernet(_space())
+    _randomize(other, seed=1)
+    other.temperature = 1.0
+    other.eval()
+    arch = _space().largest()
+    alone = [score_subnet(net, arch, digits, calib_images=32, seed=0, device="cpu").top1 for net in (supernet, other)]
+    both = supernet_objective([supernet, other], digits, calib_images=32, device="cpu")(arch, None)
+    assert alone[0] != alone[1] and both == pytest.approx(sum(alone) / 2)
+    with pytest.raises(DynasError, match="a non-empty list of them, but got an empty list"):
+        supernet_objective([], digits)
+    with pytest.raises(TypeError, match="item 1 is str"):
+        supernet_objective([supernet, "b.pt"], digits)
+    wide = Supernet(MobileCifarSpace(input_size=24))
+    with pytest.raises(DynasError, match=r"supernet 1 is of \('mobile_cifar', 24, 10, 3\) and supernet 0 of \('mobile_cifar', 16"):
+        supernet_objective([supernet, wide], digits)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dynas.checks import check_heartbeat, check_input_size, check_train_batches
-from dynas.config import load_run_data, train_config, write_resolved
+from dynas.config import load_run_data, supernet_paths, train_config, write_resolved
 from dynas.errors import DynasError
 
 __all__ = ["COMMANDS"]
@@ -216,11 +216,13 @@ def _check_fits(args: argparse.Namespace, data: Any) -> None:
     check_input_size(data.input_size, stride, f"space {args.space!r}")
 
 
-def _check_supernet_file(path: str | None) -> None:
-    if not path:
+def _check_supernet_file(value: str | list[str] | None) -> None:
+    paths = supernet_paths(value)
+    if not paths:
         raise DynasError("--evaluator supernet needs --supernet PATH (the supernet.pt of `dynas supernet`).")
-    if Path(path).is_dir():
-        raise DynasError(f"supernet file {path!r} is a folder; give its supernet.pt.")
+    for path in paths:
+        if Path(path).is_dir():
+            raise DynasError(f"supernet file {path!r} is a folder; give its supernet.pt.")
 
 
 def _supernet_objective(args: argparse.Namespace, data: Any) -> Any:
@@ -230,8 +232,8 @@ def _supernet_objective(args: argparse.Namespace, data: Any) -> Any:
     from dynas.supernet import load_supernet
 
     space = get_space(args.space, input_size=data.input_size, num_classes=data.num_classes)
-    supernet = load_supernet(args.supernet, space=space)
-    return supernet_objective(supernet, data, calib_images=args.calib_images, seed=args.seed, device=args.device)
+    supernets = [load_supernet(path, space=space) for path in supernet_paths(args.supernet)]
+    return supernet_objective(supernets, data, calib_images=args.calib_images, seed=args.seed, device=args.device)
 
 
 def cmd_supernet(args: argparse.Namespace) -> int:

@@ -201,7 +201,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                        help="skip the uniform all-static and all-dynamic (K=4) baselines trained first")
     group.add_argument("--evaluator", default="scratch", choices=("scratch", "supernet"),
                        help="scratch: train every candidate; supernet: score it with a trained supernet's weights")
-    group.add_argument("--supernet", default=None, help="supernet.pt of `dynas supernet` (with --evaluator supernet)")
+    group.add_argument("--supernet", nargs="+", default=None, metavar="PATH",
+                       help="supernet.pt of `dynas supernet` (with --evaluator supernet); several: the mean of their scores")
     group.add_argument("--calib-images", type=_positive_int, default=2000, help="supernet: training images recalibrating BatchNorm per candidate")
     out = search.add_argument_group("output")
     out.add_argument("--run-dir", default="runs/default", help="where results, study and weights go")

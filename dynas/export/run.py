@@ -21,7 +21,7 @@ from torch import nn
 
 from dynas.builder import build_model
 from dynas.checks import check_int
-from dynas.config import load_run_data, read_run_config, train_config
+from dynas.config import load_run_data, read_run_config, supernet_paths, train_config
 from dynas.errors import DynasError
 from dynas.export.card import model_card
 from dynas.export.formats import export_onnx, export_torchscript, onnx_latency_ms
@@ -108,22 +108,22 @@ class _Weights:
     finetune_epochs: int | None
 
 
-def _run_supernet(run_dir: Path, settings: dict, data: Any) -> Any:
-    """The supernet that scored ``run_dir``'s trials (its config.yaml's ``supernet``), checked to be
-    of the run's space, input size and class count."""
+def _run_supernet(run_dir: Path, settings: dict, data: Any) -> list[tuple[str, Any]]:
+    """The supernets that scored ``run_dir``'s trials (its config.yaml's ``supernet``: one file or
+    several), each as ``(path, supernet)``, checked to be of the run's space, input size and class count."""
     from dynas.spaces import get_space
     from dynas.supernet import load_supernet
 
-    path, name = settings.get("supernet"), settings.get("space")
+    paths, name = supernet_paths(settings.get("supernet")), settings.get("space")
     config = str(run_dir / "config.yaml")
-    if not path or not name or data is None:
+    if not paths or not name or data is None:
         raise DynasError(
             f"the trials of run {str(run_dir)!r} were scored by a supernet, but config file {config!r} does not "
             f"name its `supernet` file, `space` and `dataset`; export them with --retrain-epochs N."
         )
     try:
         space = get_space(name, input_size=data.input_size, num_classes=data.num_classes)
-        return load_supernet(path, space=space)
+        return [(str(path), load_supernet(path, space=space)) for path in paths]
     except DynasError as err:
         raise DynasError(f"config file {config!r}: {err}") from None
 
@@ -195,8 +195,7 @@ def _export_one(run_dir: Path, folder: Path, row: dict, settings: dict, how: _We
         weights = f"retrained for {how.retrain_epochs} epochs on the full training set"
     else:
         if row.get("fidelity") == "supernet":
-            model = _supernet_model(how.supernet, arch, settings, data)
-            weights = f"extracted from the supernet ({settings['supernet']}), BatchNorm recalibrated as scored"
+            model, weights = _supernet_model(how.supernet, arch, settings, data)
         else:
             model = _kept_model(run_dir, row, arch)
             weights = "the search trial's final weights"
@@ -277,14 +276,29 @@ def _retrain(arch: ArchSpec, row: dict, settings: dict, data: Any, epochs: int) 
     return model.cpu().eval(), result.tau_end
 
 
-def _supernet_model(supernet: Any, arch: ArchSpec, settings: dict, data: Any) -> nn.Module:
-    """The subnet's weights from ``supernet`` with BatchNorm recalibrated as the search scored it."""
+def _supernet_model(supernets: list[tuple[str, Any]], arch: ArchSpec, settings: dict, data: Any) -> tuple[nn.Module, str]:
+    """The subnet's weights from the run's supernet with BatchNorm recalibrated as the search scored
+    it, and where they came from. A trial scored by several supernets (the mean of their top-1s)
+    takes the weights of the one that validates it best."""
     from dynas.supernet import recalibrate_bn
+    from dynas.training import evaluate
 
-    model = supernet.extract(arch)
-    if data is not None:
-        recalibrate_bn(model, data, settings.get("calib_images") or 2000, seed=settings.get("seed", 0), device="cpu")
-    return model.cpu().eval()
+    models = []
+    for path, supernet in supernets:
+        model = supernet.extract(arch)
+        if data is not None:
+            recalibrate_bn(model, data, settings.get("calib_images") or 2000, seed=settings.get("seed", 0), device="cpu")
+        models.append((path, model.cpu().eval()))
+    if len(models) == 1:
+        path, model = models[0]
+        return model, f"extracted from the supernet ({path}), BatchNorm recalibrated as scored"
+    tops = [evaluate(model, data, "val", device="cpu") for _, model in models]
+    best = max(range(len(models)), key=tops.__getitem__)
+    scores = ", ".join(f"{path}: {top:.2f}%" for (path, _), top in zip(models, tops))
+    return models[best][1], (
+        f"extracted from the supernet {models[best][0]}, the best on validation of the {len(models)} that scored "
+        f"this trial (the trial's score is their mean; {scores}), BatchNorm recalibrated as scored"
+    )
 
 
 def _finetune(model: nn.Module, row: dict, settings: dict, data: Any, epochs: int, temperature: float) -> None:
