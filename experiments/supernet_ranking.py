@@ -59,7 +59,7 @@ import torch
 from _args import add_data_args, add_run_args, parse_args, run, train_subset
 
 from dynas.builder import build_model
-from dynas.checks import check_number
+from dynas.checks import check_int, check_number
 from dynas.config import write_resolved
 from dynas.cost import closed_form_macs, closed_form_params, parse_count
 from dynas.data import DataBundle, load_data
@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the supernet's share of steps annealing tau to 1 (default: --anneal-fraction, the stand-alone runs')",
     )
     sup.add_argument("--calib-images", type=int, default=2000, help="BN recalibration images per scored subnet")
+    sup.add_argument(
+        "--score-calib-images", type=int, default=None,
+        help="BN recalibration images for the supernet's scores only (default: --calib-images); the stand-alone "
+             "rows keep --calib-images, so a rerun on the same --out scores the trained supernet again at this count",
+    )
     train = parser.add_argument_group("training (the recipe of both)")
     train.add_argument("--epochs", type=int, default=10, help="stand-alone epochs")
     train.add_argument("--seeds", type=int, default=2, help="stand-alone seeds per subnet (>= 2 for the ceiling)")
@@ -554,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.supernet_anneal_fraction is not None:
         check_number("--supernet-anneal-fraction", args.supernet_anneal_fraction, 0.0, 1.0)
+    if args.score_calib_images is not None:
+        check_int("--score-calib-images", args.score_calib_images, 2)
     supernet_config, recipe = _configs(args)  # refuses a bad recipe value before any data or file
     data, space = load_space(args)
     subnets = sample_in_band(space, band, args.num_subnets, args.strata, seed=args.seed)
@@ -592,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"last of them to finish writes the results (or rerun with --shard 0/1 when they have).")
         return 0
     supernet, result = trained or trained_supernet()  # the other shards' rows imply shard 0 finished it
-    scores = [score_subnet(supernet, s.arch, data, calib_images=args.calib_images, seed=args.seed,
+    score_calib = args.calib_images if args.score_calib_images is None else args.score_calib_images
+    scores = [score_subnet(supernet, s.arch, data, calib_images=score_calib, seed=args.seed,
                            device=args.device) for s in subnets]
     rows = []
     for subnet, score in zip(subnets, scores):
@@ -610,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "draw": subnet.draw,
             "supernet_top1": score.top1,
             "score_seconds": score.seconds,
+            "score_calib_images": score.calib_images,
             "standalone_top1": [r["top1"] for r in runs],
             "standalone_top1_raw": [r["top1_raw"] for r in runs],
             "standalone_top1_mean": sum(r["top1"] for r in runs) / len(runs),

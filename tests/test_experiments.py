@@ -230,6 +230,8 @@ def test_twin_gap_spreads_the_pairs_over_the_band():
         ("supernet_ranking", ["--supernet-anneal-fraction", "1.5"],
          "`--supernet-anneal-fraction` must be a finite number in [0, 1], but got --supernet-anneal-fraction=1.5."),
         ("supernet_ranking", ["--anneal-fraction", "-0.1"], "`anneal_fraction` must be"),
+        ("supernet_ranking", ["--score-calib-images", "1"],
+         "`--score-calib-images` must be an integer >= 2, but got --score-calib-images=1."),
         ("twin_gap", ["--pairs", "0"], "`--pairs` must be an integer >= 1, but got pairs=0."),
         ("twin_gap", ["--epochs", "20,0"], "`--epochs` must be integers >= 1, but got epochs=20,0."),
         ("twin_gap", ["--lr", "-1"], "`lr` must be"),

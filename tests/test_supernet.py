@@ -1058,6 +1058,15 @@ def test_shards_started_together_leave_the_supernet_to_shard_0_and_the_last_writ
         raise AssertionError(f"summary.json is not strict JSON: {constant}")
     summary = json.loads((out / "summary.json").read_text(), parse_constant=no_nan)  # NaN (2 subnets) written null
     assert len(summary["kendall_tau_supernet_interval"]) == 2
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["score_calib_images"] for r in rows} == {16}
+    standalone = (out / "standalone.jsonl").read_text()
+    # scoring the trained supernet again at another calibration count keeps the stand-alone rows
+    assert _ranking().main([*argv, "--score-calib-images", "8"]) == 0
+    assert (out / "standalone.jsonl").read_text() == standalone
+    again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["score_calib_images"] for r in again} == {8}
+    assert [r["standalone_top1"] for r in again] == [r["standalone_top1"] for r in rows]
 
 
 def test_a_row_cut_short_by_a_killed_write_is_trained_again_and_the_rest_kept(digits, tmp_path):
