@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument(
         "--score-calib-images", type=int, default=None,
         help="BN recalibration images for the supernet's scores only (default: --calib-images); the stand-alone "
-             "rows keep --calib-images, so a rerun on the same --out scores the trained supernet again at this count",
+             "rows keep --calib-images, so a rerun on the same --out scores the trained supernet again at this count "
+             "(rewriting results.jsonl and summary.json; the supernet and stand-alone rows are kept)",
     )
     train = parser.add_argument_group("training (the recipe of both)")
     train.add_argument("--epochs", type=int, default=10, help="stand-alone epochs")
